@@ -1,0 +1,35 @@
+# Two entry points for a newcomer: `make demo` and `make test`.
+# Both create (or reuse) .venv in this checkout and install everything from nothing.
+PYTHON ?= python3.11
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+# Caches that are slow to build live outside the checkout so repeated runs reuse them.
+export TUNEFLEET_CACHE ?= $(HOME)/.cache/tunefleet
+export TORCH_EXTENSIONS_DIR ?= $(HOME)/.cache/torch_extensions
+export HF_HUB_OFFLINE ?= 1
+export TOKENIZERS_PARALLELISM ?= false
+
+.PHONY: venv demo test test-fast clean
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml requirements/cpu.txt requirements/assets.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -r requirements/cpu.txt
+	$(PY) -m pip install -q -c requirements/cpu.txt -e ".[dev]"
+	$(PY) -m pip install -q --no-deps -r requirements/assets.txt
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(PY) -m launcher.demo
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -m "not slow"
+
+clean:
+	rm -rf $(VENV) runs

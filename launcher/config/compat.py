@@ -1,0 +1,92 @@
+"""Cross-field rules checked before anything loads.
+
+Each rule names the keys in conflict and says how to fix it. They run inside schema
+validation, so `tunefleet validate` and every run report all of them at once.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from launcher.config.schema import Recipe
+
+# Methods that make sense for each task. Kept as one table so the docs can show it.
+METHODS_BY_TASK = {
+    "causal_lm": ("lora", "qlora", "dora", "prompt_tuning", "prefix_tuning", "ia3", "partial_freeze", "full"),
+    "classification": ("lora", "qlora", "dora", "ia3", "partial_freeze", "full", "head_only"),
+}
+WHY_NOT = {
+    ("causal_lm", "head_only"): "a causal LM has no new task head to train; use partial_freeze with train_patterns: [lm_head]",
+    ("classification", "prompt_tuning"): "soft prompts for classification are not supported; use lora or head_only",
+    ("classification", "prefix_tuning"): "prefix tuning for classification is not supported; use lora or head_only",
+}
+METRICS_BY_TASK = {
+    "causal_lm": ("eval_loss", "perplexity"),
+    "classification": ("eval_loss", "accuracy", "precision", "recall", "f1"),
+}
+# Methods whose adapter can be folded into the base weights.
+MERGEABLE = ("lora", "qlora", "dora", "ia3")
+
+
+def batch_split_problem(global_batch: int, micro_batch: int, world_size: int) -> str | None:
+    """Say why `global = micro x accumulation x world` has no integer accumulation, or None."""
+    per_step = micro_batch * world_size
+    if global_batch % per_step == 0:
+        return None
+    lower = max(per_step, global_batch // per_step * per_step)
+    return (
+        f"train.global_batch_size={global_batch} is not a multiple of train.micro_batch_size={micro_batch} "
+        f"x world size {world_size} = {per_step}, so no whole number of accumulation steps fits; "
+        f"use train.global_batch_size={lower} or {lower + per_step}, or change train.micro_batch_size"
+    )
+
+
+def check_recipe(recipe: "Recipe") -> list[str]:
+    problems: list[str] = []
+    task, method = recipe.model.task, recipe.peft.method
+
+    if method not in METHODS_BY_TASK[task]:
+        reason = WHY_NOT.get((task, method), f"supported methods for {task}: {', '.join(METHODS_BY_TASK[task])}")
+        problems.append(f"peft.method={method} does not work with model.task={task}: {reason}")
+
+    is_classification_data = all(s.format == "classification" for s in recipe.data.sources)
+    if (task == "classification") != is_classification_data:
+        wanted = "classification" if task == "classification" else "alpaca, chat or text"
+        problems.append(f"model.task={task} needs data.format {wanted} (every source in data.train too)")
+
+    split = batch_split_problem(
+        recipe.train.global_batch_size, recipe.train.micro_batch_size, recipe.distributed.world_size
+    )
+    if split:
+        problems.append(split)
+
+    if recipe.eval.metric not in METRICS_BY_TASK[task]:
+        problems.append(
+            f"eval.metric={recipe.eval.metric} is not reported for model.task={task}; "
+            f"choose one of {', '.join(METRICS_BY_TASK[task])}"
+        )
+    if recipe.eval.early_stopping_patience and not recipe.eval.every_steps:
+        problems.append("eval.early_stopping_patience needs eval.every_steps: early stopping judges periodic evaluations")
+    if recipe.eval.sample_prompts and task != "causal_lm":
+        problems.append("eval.sample_prompts is for model.task=causal_lm; remove it for classification")
+    if recipe.data.eval is None and recipe.data.eval_fraction == 0 and (
+        recipe.eval.every_steps or recipe.eval.at_start or recipe.eval.early_stopping_patience
+    ):
+        problems.append("evaluation is asked for but there is no eval data: set data.eval or data.eval_fraction > 0")
+
+    if recipe.output.merge and method not in MERGEABLE:
+        problems.append(
+            f"output.merge=true needs an adapter that folds into the weights ({', '.join(MERGEABLE)}); "
+            f"peft.method={method} " + ("already saves a full model" if method in ("full", "partial_freeze", "head_only")
+                                       else "cannot be merged")
+        )
+
+    dist = recipe.distributed
+    if dist.machine_rank >= dist.num_machines:
+        problems.append(
+            f"distributed.machine_rank={dist.machine_rank} must be below distributed.num_machines={dist.num_machines}"
+        )
+    if recipe.train.precision == "fp16" and method == "qlora":
+        problems.append("train.precision=fp16 with qlora is unstable; use bf16 or fp32")
+    return problems

@@ -1,0 +1,25 @@
+"""Checks that touch the file system but load nothing heavy: run by `validate` and before every run."""
+
+from __future__ import annotations
+
+from launcher.config.schema import Recipe
+from launcher.errors import UserError
+
+
+def preflight(recipe: Recipe, recipe_name: str) -> None:
+    from launcher.data.rows import resolve_data_path
+    from launcher.model.sources import local_path_of
+    from launcher.outputs.run_dir import check_free, render_dir
+
+    problems = []
+    for label, call in [("model", lambda: local_path_of(recipe.model.name))] + [
+        ("data", lambda p=source.path: resolve_data_path(p)) for source in recipe.data.sources
+    ] + ([("data", lambda: resolve_data_path(recipe.data.eval))] if recipe.data.eval else []) + [
+        ("output", lambda: check_free(render_dir(recipe.output.dir, recipe_name)))
+    ]:
+        try:
+            call()
+        except UserError as err:
+            problems.append(str(err))
+    if problems:
+        raise UserError("\n".join(problems))

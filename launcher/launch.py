@@ -1,0 +1,38 @@
+"""The accelerate invocation a recipe implies, as a pure function that tests assert on.
+
+On a machine without GPUs the obvious `accelerate launch --cpu --num_processes 2` silently starts
+ONE process; `--multi_gpu` with ACCELERATE_USE_CPU=1 starts real gloo workers instead, so that is
+what we emit there (see shared notes: cpu-distributed.md).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+RUN_SCRIPT = Path(__file__).resolve().parent / "run.py"
+
+
+def accelerate_command(recipe, words: list[str], *, has_gpu: bool, cpu_count: int | None = None) -> tuple[list[str], dict[str, str]]:
+    """Return (argv, extra environment) that runs `launcher/run.py words...` as the recipe says."""
+    dist = recipe.distributed
+    argv = [
+        sys.executable, "-m", "accelerate.commands.launch",
+        "--multi_gpu",
+        "--num_processes", str(dist.world_size),  # accelerate counts processes over all machines
+        "--num_machines", str(dist.num_machines),
+        "--machine_rank", str(dist.machine_rank),
+        "--main_process_ip", dist.main_process_ip,
+        "--main_process_port", str(dist.main_process_port),
+        "--dynamo_backend", "no",
+        "--mixed_precision", "no",  # the run chooses precision from train.precision itself
+        str(RUN_SCRIPT), *words,
+    ]
+    env: dict[str, str] = {}
+    if not has_gpu:
+        env["ACCELERATE_USE_CPU"] = "1"
+        # Oversubscribed CPU threads make every process several times slower.
+        cores = cpu_count or os.cpu_count() or 1
+        env.setdefault("OMP_NUM_THREADS", str(max(1, cores // dist.num_processes)))
+    return argv, env

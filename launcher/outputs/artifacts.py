@@ -1,0 +1,106 @@
+"""Save the trained artifact so stock peft/transformers load it, check what was written, merge adapters.
+
+Adapters (LoRA, DoRA, QLoRA, IA3, prompt and prefix tuning) are saved with peft's
+`save_pretrained`; full, partially frozen and head-only models with transformers'. Each save
+goes to a temporary folder that replaces the target only when complete, and is then read back:
+a missing, empty or mis-shaped tensor is an error at save time, not a surprise at load time.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+from launcher.errors import UserError
+
+
+def expected_tensors(model) -> dict[str, tuple]:
+    if hasattr(model, "peft_config"):
+        from peft import get_peft_model_state_dict
+
+        return {k: tuple(v.shape) for k, v in get_peft_model_state_dict(model).items()}
+    return {k: tuple(v.shape) for k, v in model.state_dict().items()}
+
+
+def verify_artifact(folder: Path, expected: dict[str, tuple], is_adapter: bool) -> None:
+    from safetensors import safe_open
+
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        raise RuntimeError(f"save check failed: {folder} has no .safetensors file")
+    saved = {}
+    for file in files:
+        with safe_open(str(file), framework="pt") as f:
+            for key in f.keys():
+                saved[key] = tuple(f.get_slice(key).get_shape())
+    empty = [k for k, shape in saved.items() if 0 in shape]
+    wrong = [k for k, shape in saved.items() if k in expected and expected[k] != shape]
+    unknown = [k for k in saved if k not in expected]
+    # transformers drops a tied output embedding from full-model files; adapters must be complete.
+    missing = [k for k in expected if k not in saved and (is_adapter or not k.endswith("lm_head.weight"))]
+    problems = [(label, keys) for label, keys in
+                (("empty", empty), ("wrong shape", wrong), ("unexpected", unknown), ("missing", missing)) if keys]
+    if not saved or problems:
+        detail = "; ".join(f"{label}: {keys[:5]}" for label, keys in problems) or "no tensors"
+        raise RuntimeError(f"save check failed for {folder}: {detail}")
+
+
+def save_artifact(model, tokenizer, folder: Path) -> None:
+    """Write `model` (unwrapped) and its tokenizer to `folder`, atomically, then verify the files."""
+    is_adapter = hasattr(model, "peft_config")
+    tmp = folder.with_name(folder.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(str(tmp))
+    tokenizer.save_pretrained(str(tmp))
+    verify_artifact(tmp, expected_tensors(model), is_adapter)
+    shutil.rmtree(folder, ignore_errors=True)
+    tmp.rename(folder)
+
+
+def merge_run(run_dir: Path, artifact: str = "final") -> Path:
+    """Fold a run's adapter into its base model and save the result as run_dir/merged."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+
+    from launcher.config.load import load_recipe
+    from launcher.config.compat import MERGEABLE
+    from launcher.model.sources import materialize
+
+    recipe_file = run_dir / "recipe.yaml"
+    adapter_dir = run_dir / artifact
+    if not recipe_file.is_file() or not (adapter_dir / "adapter_config.json").is_file():
+        raise UserError(f"{run_dir} is not a finished adapter run (needs recipe.yaml and {artifact}/adapter_config.json)")
+    _, recipe = load_recipe([f"recipe={recipe_file}"])
+    if recipe.peft.method not in MERGEABLE:
+        raise UserError(f"peft.method={recipe.peft.method} cannot be merged into the base weights")
+    base_path = materialize(recipe.model.name)
+    # The base is loaded unquantized even for QLoRA: merging into 4-bit weights would round the update away.
+    if recipe.model.task == "classification":
+        tokenizer = AutoTokenizer.from_pretrained(adapter_dir)
+        config_labels = _label_kwargs(adapter_dir)
+        base = AutoModelForSequenceClassification.from_pretrained(base_path, dtype=torch.float32, **config_labels)
+    else:
+        tokenizer = AutoTokenizer.from_pretrained(adapter_dir)
+        base = AutoModelForCausalLM.from_pretrained(base_path, dtype=torch.float32,
+                                                    trust_remote_code=recipe.model.trust_remote_code)
+    merged = PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
+    out = run_dir / "merged"
+    tmp = out.with_name("merged.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    merged.save_pretrained(str(tmp))
+    tokenizer.save_pretrained(str(tmp))
+    verify_artifact(tmp, expected_tensors(merged), is_adapter=False)
+    shutil.rmtree(out, ignore_errors=True)
+    tmp.rename(out)
+    return out
+
+
+def _label_kwargs(adapter_dir: Path) -> dict:
+    import json
+
+    labels_file = adapter_dir / "labels.json"
+    names = json.loads(labels_file.read_text()) if labels_file.is_file() else None
+    if not names:
+        return {}
+    return {"num_labels": len(names), "id2label": dict(enumerate(names)), "label2id": {n: i for i, n in enumerate(names)}}

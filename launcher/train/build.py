@@ -1,0 +1,192 @@
+"""Everything a run needs before its first step, built in an order that cannot deadlock.
+
+1. Model conversion and tokenization run first, before any process group exists: the first
+   process on each machine does them, the others wait on a file lock (launcher.cache).
+2. The process group is created with the recipe's timeout (gloo on CPU, nccl on GPU).
+3. The model is loaded, the method applied, and optimizer and schedule derived from the recipe.
+4. The main process picks the run folder and shares its name; only then is anything written.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+
+import torch
+
+from launcher.config.schema import Recipe
+from launcher.data.batches import BatchPlan
+from launcher.data.prepare import PreparedData, prepare_data
+from launcher.errors import UserError
+from launcher.methods import METHODS
+from launcher.methods.common import MethodContext, float32_trainable, parameter_counts
+from launcher.model.sources import materialize
+from launcher.outputs.run_dir import check_free, render_dir, write_resolved_recipe
+from launcher.train.optim import build_optimizer, build_scheduler
+
+
+@dataclass
+class Run:
+    recipe: Recipe
+    accelerator: "accelerate.Accelerator"  # noqa: F821
+    model: torch.nn.Module  # prepared (possibly DDP-wrapped)
+    tokenizer: object
+    optimizer: torch.optim.Optimizer
+    scheduler: object
+    data: PreparedData
+    plan: BatchPlan
+    total_steps: int
+    run_dir: Path
+    trainable_params: int
+    total_params: int
+
+    @property
+    def is_main(self) -> bool:
+        return self.accelerator.is_main_process
+
+    @property
+    def num_labels(self) -> int | None:
+        return len(self.data.label_names) if self.data.label_names else None
+
+
+def mixed_precision(setting: str) -> str:
+    if setting == "auto":
+        return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
+    return {"fp32": "no"}.get(setting, setting)
+
+
+def load_tokenizer(model_path: str, recipe: Recipe):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(
+        model_path, trust_remote_code=recipe.model.trust_remote_code, revision=recipe.model.revision
+    )
+    if tokenizer.pad_token is None:
+        # Decoder-only models often ship without a pad token; padded positions are masked anyway.
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "right"
+    return tokenizer
+
+
+def load_model(model_path: str, recipe: Recipe, label_names: list[str] | None, device: torch.device):
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    method = METHODS[recipe.peft.method]
+    kwargs = {
+        "trust_remote_code": recipe.model.trust_remote_code,
+        "revision": recipe.model.revision,
+        "dtype": getattr(torch, recipe.model.dtype),
+    }
+    if hasattr(method, "load_kwargs"):
+        kwargs.update(method.load_kwargs(recipe.peft, device))
+    if label_names:
+        kwargs.update(num_labels=len(label_names), id2label=dict(enumerate(label_names)),
+                      label2id={name: i for i, name in enumerate(label_names)})
+    auto_class = AutoModelForSequenceClassification if recipe.model.task == "classification" else AutoModelForCausalLM
+    try:
+        return auto_class.from_pretrained(model_path, **kwargs)
+    except OSError as err:
+        raise UserError(f"could not load model.name={recipe.model.name}: {str(err).splitlines()[0]}") from None
+
+
+def _seed_everything(seed: int) -> None:
+    from transformers import set_seed
+
+    set_seed(seed)
+
+
+def _log(message: str, is_main: bool) -> None:
+    if is_main:
+        print(f"[tunefleet] {message}", flush=True)
+
+
+def build_run(recipe: Recipe, recipe_name: str, command: list[str]) -> Run:
+    from accelerate import Accelerator
+    from accelerate.utils import InitProcessGroupKwargs
+
+    local_main = int(os.environ.get("LOCAL_RANK", "0")) == 0
+    global_main = int(os.environ.get("RANK", "0")) == 0
+    model_path = materialize(recipe.model.name)
+    tokenizer = load_tokenizer(model_path, recipe)
+    data = prepare_data(recipe, tokenizer, quiet=not local_main)
+
+    use_cpu = not torch.cuda.is_available()
+    handlers = []
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        # gloo must be named on CPU: without it accelerate picks a backend DeepSpeed and FSDP reject.
+        handlers.append(InitProcessGroupKwargs(
+            backend="gloo" if use_cpu else "nccl", timeout=timedelta(minutes=recipe.distributed.timeout_minutes)
+        ))
+    accelerator = Accelerator(
+        cpu=use_cpu, mixed_precision=mixed_precision(recipe.train.precision), kwargs_handlers=handlers
+    )
+    if accelerator.num_processes != recipe.distributed.world_size:
+        raise UserError(
+            f"this run has {accelerator.num_processes} processes but the recipe says "
+            f"distributed.num_processes x num_machines = {recipe.distributed.world_size}; "
+            "launch with `tunefleet run`, or pass matching distributed.* keys"
+        )
+    is_main = accelerator.is_main_process
+    _seed_everything(recipe.train.seed)
+
+    model = load_model(model_path, recipe, data.label_names, accelerator.device)
+    if recipe.train.gradient_checkpointing:
+        # Non-reentrant checkpointing: works with frozen inputs (adapters) and with DDP, where the
+        # reentrant variant raises "parameter marked ready twice".
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.config.use_cache = False
+    if model.config.pad_token_id is None:
+        model.config.pad_token_id = tokenizer.pad_token_id
+    ctx = MethodContext(task=recipe.model.task, model_path=model_path,
+                        gradient_checkpointing=recipe.train.gradient_checkpointing)
+    model = METHODS[recipe.peft.method].apply(model, recipe.peft, ctx)
+    float32_trainable(model)
+    trainable, total = parameter_counts(model)
+    _log(f"method {recipe.peft.method}: {trainable:,} trainable of {total:,} parameters "
+         f"({100 * trainable / total:.4f}%)", is_main)
+
+    plan = BatchPlan(
+        num_examples=len(data.train), global_batch_size=recipe.train.global_batch_size,
+        micro_batch_size=recipe.train.micro_batch_size, world_size=accelerator.num_processes,
+        rank=accelerator.process_index, seed=recipe.train.seed,
+    )
+    total_steps = recipe.train.max_steps or max(1, int(recipe.train.epochs * plan.steps_per_epoch))
+    _log(f"global batch {recipe.train.global_batch_size} = micro batch {recipe.train.micro_batch_size} x "
+         f"accumulation {plan.accumulation} x world size {accelerator.num_processes}; "
+         f"{len(data.train)} training examples, {total_steps} steps", is_main)
+
+    optimizer = build_optimizer(model, recipe.train)
+    scheduler = build_scheduler(optimizer, recipe.train, total_steps)
+    model, optimizer = accelerator.prepare(model, optimizer)
+
+    run_dir = _make_run_dir(accelerator, recipe, recipe_name, command)
+    return Run(recipe=recipe, accelerator=accelerator, model=model, tokenizer=tokenizer, optimizer=optimizer,
+               scheduler=scheduler, data=data, plan=plan, total_steps=total_steps, run_dir=run_dir,
+               trainable_params=trainable, total_params=total)
+
+
+def _make_run_dir(accelerator, recipe: Recipe, recipe_name: str, command: list[str]) -> Path:
+    """The main process renders {time} once and creates the folder; every rank gets the same path."""
+    from accelerate.utils import broadcast_object_list
+
+    answer = [None, None]
+    if accelerator.is_main_process:
+        run_dir = render_dir(recipe.output.dir, recipe_name).resolve()
+        try:
+            check_free(run_dir)
+            answer = [str(run_dir), None]
+        except UserError as err:
+            answer = [None, str(err)]
+    if accelerator.num_processes > 1:
+        broadcast_object_list(answer, from_process=0)
+    if answer[1]:
+        raise UserError(answer[1])
+    run_dir = Path(answer[0])
+    recipe.output.dir = str(run_dir)
+    if accelerator.is_main_process:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        write_resolved_recipe(run_dir, recipe, command or sys.argv)
+    return run_dir

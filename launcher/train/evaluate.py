@@ -1,0 +1,79 @@
+"""Evaluation: summed loss and target counts (and a confusion matrix) reduced over ranks.
+
+Each rank evaluates the examples i with i % world_size == rank. Sums, not means, are reduced,
+so the result is exactly the full-data metric whatever the world size; the confusion matrix
+gives accuracy and macro precision/recall/F1 from one all-reduce.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from launcher.data.batches import collate, count_targets
+
+
+def classification_metrics(confusion: torch.Tensor) -> dict[str, float]:
+    """Accuracy and macro precision, recall and F1 from confusion[true, predicted]."""
+    confusion = confusion.double()
+    true_positive = confusion.diag()
+    predicted = confusion.sum(0)
+    actual = confusion.sum(1)
+    precision = torch.where(predicted > 0, true_positive / predicted.clamp(min=1), torch.zeros_like(predicted))
+    recall = torch.where(actual > 0, true_positive / actual.clamp(min=1), torch.zeros_like(actual))
+    denominator = precision + recall
+    f1 = torch.where(denominator > 0, 2 * precision * recall / denominator.clamp(min=1e-12), torch.zeros_like(denominator))
+    return {
+        "accuracy": float(true_positive.sum() / confusion.sum()),
+        "precision": float(precision.mean()),
+        "recall": float(recall.mean()),
+        "f1": float(f1.mean()),
+    }
+
+
+@torch.no_grad()
+def evaluate(model, dataset, *, accelerator, batch_size: int, pad_token_id: int, num_labels: int | None,
+             progress=None) -> dict[str, float]:
+    was_training = model.training
+    model.eval()
+    indices = list(range(accelerator.process_index, len(dataset), accelerator.num_processes))
+    loss_sum = torch.zeros((), dtype=torch.float64, device=accelerator.device)
+    targets = torch.zeros((), dtype=torch.float64, device=accelerator.device)
+    confusion = torch.zeros((num_labels or 1, num_labels or 1), dtype=torch.long, device=accelerator.device)
+    for start in range(0, len(indices), batch_size):
+        batch = collate(dataset.select(indices[start : start + batch_size]), pad_token_id)
+        batch = {k: v.to(accelerator.device) for k, v in batch.items()}
+        n = count_targets(batch["labels"])
+        if num_labels:
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
+            loss_sum += torch.nn.functional.cross_entropy(logits, batch["labels"], reduction="sum").double()
+            pairs = batch["labels"] * num_labels + logits.argmax(-1)
+            confusion += torch.bincount(pairs, minlength=num_labels * num_labels).view(num_labels, num_labels)
+        else:
+            # num_items_in_batch=1 makes transformers' loss return the sum over predicted tokens.
+            out = model(**batch, num_items_in_batch=1)
+            loss_sum += out.loss.double()
+        targets += n
+        if progress is not None:
+            progress.update(1)
+    stacked = torch.cat([loss_sum.view(1), targets.view(1)])
+    stacked = accelerator.reduce(stacked, reduction="sum")
+    confusion = accelerator.reduce(confusion, reduction="sum")
+    model.train(was_training)
+    eval_loss = float(stacked[0] / stacked[1].clamp(min=1))
+    metrics = {"eval_loss": eval_loss}
+    if num_labels:
+        metrics.update(classification_metrics(confusion))
+    else:
+        metrics["perplexity"] = math.exp(min(eval_loss, 50.0))
+    return metrics
+
+
+HIGHER_IS_BETTER = {"accuracy", "precision", "recall", "f1"}
+
+
+def improved(metric: str, value: float, best: float | None) -> bool:
+    if best is None:
+        return True
+    return value > best if metric in HIGHER_IS_BETTER else value < best

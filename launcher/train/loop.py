@@ -1,0 +1,223 @@
+"""The training loop: accumulate, step, log, evaluate, stop early, save.
+
+Loss normalisation: each optimizer step minimises the mean loss over every target (token, or
+example for classification) of the global batch. The target count is summed over all micro
+batches and ranks first; each micro batch then contributes sum(loss) * world_size / count,
+because DDP averages gradients over ranks. So the update is the same whether the global batch
+is split as 4x1x1, 2x2x1 or 1x2x2 (micro batch x accumulation x world size), which a plain
+mean-per-micro-batch would break whenever micro batches hold different numbers of tokens.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from launcher.data.batches import collate, count_targets
+from launcher.data.formats import render_prompt
+from launcher.outputs.artifacts import save_artifact
+from launcher.outputs.metrics_log import MetricsLog
+from launcher.outputs.run_dir import write_json
+from launcher.train.build import Run, _log
+from launcher.train.evaluate import evaluate, improved
+
+
+def micro_batch_loss(model, batch: dict, normalizer: torch.Tensor, classification: bool) -> torch.Tensor:
+    if classification:
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
+        return F.cross_entropy(logits, batch["labels"], reduction="sum") / normalizer
+    # transformers sums the token losses and divides by num_items_in_batch (peft prepends ignored
+    # labels for virtual tokens, so prompt and prefix tuning count the same targets).
+    return model(**batch, num_items_in_batch=normalizer).loss
+
+
+def eval_key(name: str) -> str:
+    return name if name.startswith("eval_") else f"eval_{name}"
+
+
+def _evaluate(run: Run) -> dict[str, float]:
+    metrics = evaluate(
+        run.model, run.data.eval, accelerator=run.accelerator, batch_size=run.recipe.eval.batch_size,
+        pad_token_id=run.tokenizer.pad_token_id, num_labels=run.num_labels,
+    )
+    return {eval_key(k): v for k, v in metrics.items()}
+
+
+def _save(run: Run, name: str) -> None:
+    run.accelerator.wait_for_everyone()
+    if run.is_main:
+        folder = run.run_dir / name
+        save_artifact(run.accelerator.unwrap_model(run.model), run.tokenizer, folder)
+        if run.data.label_names:
+            (folder / "labels.json").write_text(json.dumps(run.data.label_names))
+    run.accelerator.wait_for_everyone()
+
+
+def _parameter_checksum(model) -> float:
+    return float(sum(p.detach().double().sum() for p in model.parameters() if p.requires_grad))
+
+
+def train_steps(run: Run) -> dict:
+    recipe, acc, plan = run.recipe, run.accelerator, run.plan
+    from tqdm.auto import tqdm
+
+    log = MetricsLog(run.run_dir if run.is_main else None)
+    classification = run.num_labels is not None
+    metric_key = eval_key(recipe.eval.metric)
+    best_value, best_step, evals_without_gain = None, None, 0
+    summary: dict = {"eval_start": None, "eval_final": None, "stopped_early": False}
+    has_eval = run.data.eval is not None and len(run.data.eval) > 0
+
+    if has_eval and recipe.eval.at_start:
+        summary["eval_start"] = _evaluate(run)
+        log.log(0, summary["eval_start"])
+        _log(f"eval before training: {_fmt(summary['eval_start'])}", run.is_main)
+
+    seen = hashlib.sha256()
+    tokens_done, started = 0, time.perf_counter()
+    train_loss = float("nan")
+    progress = tqdm(total=run.total_steps, desc="training", disable=not run.is_main, dynamic_ncols=True)
+    run.model.train()
+    step = 0
+    for step in range(1, run.total_steps + 1):
+        step_start = time.perf_counter()
+        micro_indices = plan.micro_batches(step - 1)
+        seen.update(json.dumps(micro_indices).encode())
+        batches = [collate(run.data.train.select(idx), run.tokenizer.pad_token_id) for idx in micro_indices]
+        local = torch.tensor([sum(count_targets(b["labels"]) for b in batches),
+                              sum(int(b["attention_mask"].sum()) for b in batches)], dtype=torch.float64,
+                             device=acc.device)
+        targets, tokens = acc.reduce(local.clone(), reduction="sum").tolist()
+        normalizer = torch.tensor(max(targets, 1.0) / acc.num_processes, device=acc.device)
+        loss_sum = torch.zeros((), dtype=torch.float64, device=acc.device)
+        for i, batch in enumerate(batches):
+            batch = {k: v.to(acc.device) for k, v in batch.items()}
+            last = i == len(batches) - 1
+            # Gradients are all-reduced once per optimizer step, on the last micro batch.
+            with contextlib.nullcontext() if last else acc.no_sync(run.model):
+                loss = micro_batch_loss(run.model, batch, normalizer, classification)
+                acc.backward(loss)
+            loss_sum += loss.detach().double() * normalizer
+        grad_norm = None
+        if recipe.train.max_grad_norm:
+            grad_norm = acc.clip_grad_norm_(run.model.parameters(), recipe.train.max_grad_norm)
+        run.optimizer.step()
+        run.scheduler.step()
+        run.optimizer.zero_grad(set_to_none=True)
+
+        train_loss = float(acc.reduce(loss_sum, reduction="sum")) / max(targets, 1.0)
+        tokens_done += tokens
+        row: dict[str, float] = {}
+        if step % recipe.train.log_every == 0 or step == run.total_steps:
+            row.update(loss=train_loss, lr=max(run.scheduler.get_last_lr()),
+                       tokens_per_s=tokens / max(time.perf_counter() - step_start, 1e-9),
+                       epoch=step / plan.steps_per_epoch)
+            if grad_norm is not None:
+                row["grad_norm"] = float(grad_norm)
+        progress.update(1)
+        progress.set_postfix(loss=f"{train_loss:.4f}")
+
+        every = recipe.eval.every_steps
+        if has_eval and ((every and step % every == 0) or step == run.total_steps):
+            metrics = _evaluate(run)
+            row.update(metrics)
+            summary["eval_final"] = metrics
+            if improved(recipe.eval.metric, metrics[metric_key], best_value):
+                best_value, best_step, evals_without_gain = metrics[metric_key], step, 0
+                _save(run, "best")
+            else:
+                evals_without_gain += 1
+            patience = recipe.eval.early_stopping_patience
+            if patience and evals_without_gain >= patience:
+                summary["stopped_early"] = True
+                _log(f"early stop at step {step}: {metric_key} has not improved for {patience} evaluations "
+                     f"(best {best_value:.4f} at step {best_step})", run.is_main)
+        if row:
+            log.log(step, row)
+        if summary["stopped_early"]:
+            break
+    progress.close()
+    elapsed = time.perf_counter() - started
+
+    _save(run, "final")
+    if summary["eval_final"]:
+        _log(f"eval after training: {_fmt(summary['eval_final'])}", run.is_main)
+    samples = generate_samples(run) if run.is_main and recipe.eval.sample_prompts else []
+    if run.is_main and samples:
+        with (run.run_dir / "samples.jsonl").open("w") as f:
+            for sample in samples:
+                f.write(json.dumps(sample) + "\n")
+                print(f"[tunefleet] sample: {sample['prompt']!r} -> {sample['answer']!r}", flush=True)
+    _write_rank_summary(run, seen.hexdigest(), step)
+    log.close()
+
+    result = {
+        "method": recipe.peft.method, "task": recipe.model.task, "steps": step,
+        "train_loss": train_loss, "runtime_s": elapsed, "tokens_per_s": tokens_done / max(elapsed, 1e-9),
+        "trainable_params": run.trainable_params, "total_params": run.total_params,
+        "world_size": acc.num_processes, "global_batch_size": recipe.train.global_batch_size,
+        "gradient_accumulation_steps": plan.accumulation,
+        "best": {"metric": metric_key, "value": best_value, "step": best_step} if best_step else None,
+        **summary, "samples": samples,
+    }
+    if run.is_main:
+        write_json(run.run_dir / "metrics.json", result)
+    return result
+
+
+@torch.no_grad()
+def generate_samples(run: Run) -> list[dict]:
+    recipe = run.recipe
+    model = run.accelerator.unwrap_model(run.model)
+    model.eval()
+    samples = []
+    for prompt in recipe.eval.sample_prompts:
+        text = render_prompt(run.tokenizer, recipe.data.prompt_template, prompt)
+        encoded = run.tokenizer(text, return_tensors="pt", add_special_tokens=False).to(run.accelerator.device)
+        output = model.generate(**encoded, max_new_tokens=recipe.eval.sample_max_new_tokens, do_sample=False,
+                                pad_token_id=run.tokenizer.pad_token_id)
+        answer = run.tokenizer.decode(output[0, encoded["input_ids"].shape[1]:], skip_special_tokens=True)
+        samples.append({"prompt": prompt, "answer": answer.strip()})
+    return samples
+
+
+def _write_rank_summary(run: Run, data_digest: str, steps: int) -> None:
+    """Each rank records what it saw and where its weights ended; all must agree on the weights."""
+    from accelerate.utils import gather_object
+
+    checksum = _parameter_checksum(run.model)
+    record = {
+        "rank": run.accelerator.process_index, "world_size": run.accelerator.num_processes, "steps": steps,
+        "data_digest": data_digest, "first_micro_batches": run.plan.micro_batches(0), "param_checksum": checksum,
+    }
+    folder = run.run_dir / "ranks"
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / f"rank{record['rank']}.json").write_text(json.dumps(record, indent=1))
+    checksums = gather_object([checksum]) if run.accelerator.num_processes > 1 else [checksum]
+    if len(set(checksums)) != 1:
+        raise RuntimeError(f"ranks ended with different weights (checksums {checksums}): data-parallel sync is broken")
+
+
+def _fmt(metrics: dict[str, float]) -> str:
+    return ", ".join(f"{k}={v:.4f}" for k, v in metrics.items())
+
+
+def run_training(recipe, recipe_name: str, command: list[str]) -> Path:
+    """Build, train and tear down; return the run folder."""
+    from launcher.train.build import build_run
+
+    run = build_run(recipe, recipe_name, command)
+    try:
+        train_steps(run)
+    finally:
+        run.accelerator.end_training()
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+    _log(f"done: {run.run_dir}", run.is_main)
+    return Path(run.run_dir)

@@ -97,6 +97,7 @@ def load_recipe(words: list[str]) -> tuple[str, Recipe]:
     recipe_name, overrides = split_overrides(words)
     path = find_recipe(recipe_name)
     tree = read_yaml(path)
+    _switch_method(tree, dict(overrides).get("peft.method"))
     for key, raw in overrides:
         set_path(tree, key, parse_value(raw))
     raw_by_key = dict(overrides)
@@ -112,6 +113,19 @@ def load_recipe(words: list[str]) -> tuple[str, Recipe]:
             for key in retyped:
                 set_path(tree, key, raw_by_key.pop(key))
     raise AssertionError("unreachable")
+
+
+def _switch_method(tree: dict[str, Any], new_method: str | None) -> None:
+    """`peft.method=X` on the command line replaces the recipe's method: its keys that X does not
+    take are dropped (a LoRA rank means nothing to prompt tuning); keys given on the command line
+    are still checked against X."""
+    from launcher.config.schema import PEFT_CLASSES
+
+    peft = tree.get("peft")
+    if not new_method or not isinstance(peft, dict) or new_method not in PEFT_CLASSES:
+        return
+    accepted = PEFT_CLASSES[new_method].model_fields
+    tree["peft"] = {k: v for k, v in peft.items() if k in accepted}
 
 
 def _string_type_errors(err: ValidationError) -> list[str]:

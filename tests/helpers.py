@@ -19,14 +19,14 @@ def run_in_process(recipe_name: str, model: Path, out: Path, *overrides: str, te
     """Build and train like launcher/run.py does, but return the live Run for inspection."""
     from launcher.config.load import load_recipe
     from launcher.train.build import build_run
-    from launcher.train.loop import train_steps
+    from launcher.train.loop import release, train_steps
 
     words = [f"recipe={recipe_name}", f"model.name={model}", f"output.dir={out}", *QUICK, *overrides]
     name, recipe = load_recipe(words)
     run = build_run(recipe, name, words)
     result = train_steps(run)
     if teardown:
-        run.accelerator.end_training()
+        release(run)
     return run, result
 
 

@@ -59,7 +59,7 @@ def build_tiny_bert(out: Path, project_root: Path) -> Path:
                                    sep_token="[SEP]", mask_token="[MASK]")
     fast.save_pretrained(out)
     torch.manual_seed(0)
-    config = BertConfig(vocab_size=len(fast), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+    config = BertConfig(vocab_size=len(fast), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                         num_attention_heads=4, max_position_embeddings=128)
     BertModel(config).save_pretrained(out)
     return out

@@ -81,7 +81,7 @@ def load_model(model_path: str, recipe: Recipe, label_names: list[str] | None, d
         "dtype": getattr(torch, recipe.model.dtype),
     }
     if hasattr(method, "load_kwargs"):
-        kwargs.update(method.load_kwargs(recipe.peft, device))
+        kwargs.update(method.load_kwargs(recipe.peft, device, recipe.model.task))
     if label_names:
         kwargs.update(num_labels=len(label_names), id2label=dict(enumerate(label_names)),
                       label2id={name: i for i, name in enumerate(label_names)})

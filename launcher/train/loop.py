@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 from launcher.data.batches import collate, count_targets
 from launcher.data.formats import render_prompt
-from launcher.outputs.artifacts import save_artifact
+from launcher.outputs.artifacts import merge_run, save_artifact
 from launcher.outputs.metrics_log import MetricsLog
 from launcher.outputs.run_dir import write_json
 from launcher.train.build import Run, _log
@@ -148,6 +148,9 @@ def train_steps(run: Run) -> dict:
     _save(run, "final")
     if summary["eval_final"]:
         _log(f"eval after training: {_fmt(summary['eval_final'])}", run.is_main)
+    if summary["eval_start"] and summary["eval_final"]:
+        _log(f"eval_loss before -> after: {summary['eval_start']['eval_loss']:.4f} -> "
+             f"{summary['eval_final']['eval_loss']:.4f}", run.is_main)
     samples = generate_samples(run) if run.is_main and recipe.eval.sample_prompts else []
     if run.is_main and samples:
         with (run.run_dir / "samples.jsonl").open("w") as f:
@@ -156,6 +159,9 @@ def train_steps(run: Run) -> dict:
                 print(f"[tunefleet] sample: {sample['prompt']!r} -> {sample['answer']!r}", flush=True)
     _write_rank_summary(run, seen.hexdigest(), step)
     log.close()
+    if recipe.output.merge and run.is_main:
+        merged = merge_run(run.run_dir)
+        _log(f"merged model written to {merged}", True)
 
     result = {
         "method": recipe.peft.method, "task": recipe.model.task, "steps": step,
@@ -216,8 +222,18 @@ def run_training(recipe, recipe_name: str, command: list[str]) -> Path:
     try:
         train_steps(run)
     finally:
-        run.accelerator.end_training()
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()
+        release(run)
     _log(f"done: {run.run_dir}", run.is_main)
     return Path(run.run_dir)
+
+
+def release(run: Run) -> None:
+    """Tear down the process group and accelerate's process-wide state (so a process can run again)."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    run.accelerator.end_training()
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        # Destroying the group explicitly avoids rare aborts at interpreter exit.
+        torch.distributed.destroy_process_group()
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()

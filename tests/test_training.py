@@ -1,0 +1,154 @@
+"""Training semantics: split-independent loss normalisation, schedules, early stopping, options, safety."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from launcher import run as run_script
+from launcher.config.load import load_recipe
+from launcher.errors import UserError
+from tests.helpers import read_jsonl, run_in_process
+
+EXACT = ["peft.dropout=0", "eval.every_steps=null", "eval.at_start=false", "train.max_steps=3"]
+
+
+def losses_and_adapter(run_dir: Path):
+    losses = [r["loss"] for r in read_jsonl(run_dir / "metrics.jsonl") if "loss" in r]
+    return losses, load_file(str(run_dir / "final" / "adapter_model.safetensors"))
+
+
+def test_loss_and_weights_do_not_depend_on_the_micro_batch_split(tiny_llama, tmp_path):
+    results = {}
+    for micro in (8, 4, 2):
+        run_in_process("lora", tiny_llama, tmp_path / f"m{micro}", *EXACT, f"train.micro_batch_size={micro}",
+                       "train.global_batch_size=8")
+        results[micro] = losses_and_adapter(tmp_path / f"m{micro}")
+    reference_losses, reference_weights = results[8]
+    for micro in (4, 2):
+        losses, weights = results[micro]
+        assert losses == pytest.approx(reference_losses, rel=1e-5)
+        for key, tensor in reference_weights.items():
+            torch.testing.assert_close(weights[key], tensor, atol=1e-6, rtol=1e-5)
+    # And the weights really moved: the comparison above is not between untrained adapters.
+    assert any(t.abs().sum() > 0 for k, t in reference_weights.items() if "lora_B" in k)
+
+
+def test_early_stopping_keeps_the_best_checkpoint(tiny_llama, tmp_path):
+    run, result = run_in_process("lora", tiny_llama, tmp_path / "run", "train.lr=1e-12", "train.max_steps=20",
+                                 "eval.every_steps=1", "eval.early_stopping_patience=2", "train.scheduler=constant",
+                                 "train.warmup_steps=0")
+    assert result["stopped_early"] and result["steps"] < 20
+    assert result["best"]["step"] is not None and (tmp_path / "run" / "best" / "adapter_model.safetensors").exists()
+
+
+@pytest.mark.parametrize("options", [
+    ["train.gradient_checkpointing=true"],
+    ["train.optimizer=adamw_8bit"],
+    ["train.precision=bf16"],
+    ["train.layer_lr_decay=0.8", "train.weight_decay=0.1"],
+    ["train.max_steps=null", "train.epochs=0.05", "data.max_samples=null"],
+])
+def test_training_options_run(options, tiny_llama, tmp_path):
+    _, result = run_in_process("lora", tiny_llama, tmp_path / "run", *options)
+    assert result["steps"] >= 1 and result["train_loss"] == result["train_loss"]  # not NaN
+
+
+def test_epochs_set_the_step_count(tiny_llama, tmp_path):
+    _, result = run_in_process("lora", tiny_llama, tmp_path / "run", "train.max_steps=null", "train.epochs=2",
+                               "data.max_samples=24", "eval.every_steps=null")
+    assert result["steps"] == 2 * (24 // 8)
+
+
+def test_layer_wise_lr_decay_and_weight_decay_groups(tiny_llama):
+    from launcher.train.build import load_model
+    from launcher.train.optim import parameter_groups
+
+    _, recipe = load_recipe(["recipe=full", f"model.name={tiny_llama}"])
+    model = load_model(str(tiny_llama), recipe, None, torch.device("cpu"))
+    groups = parameter_groups(model, lr=1.0, weight_decay=0.1, layer_lr_decay=0.5)
+    lr_of = {name: g["lr"] for g in groups for name in g["names"]}
+    decay_of = {name: g["weight_decay"] for g in groups for name in g["names"]}
+    assert lr_of["model.embed_tokens.weight"] == pytest.approx(0.5 ** 3)
+    assert lr_of["model.layers.0.self_attn.q_proj.weight"] == pytest.approx(0.5 ** 2)
+    assert lr_of["model.layers.1.mlp.up_proj.weight"] == pytest.approx(0.5)
+    assert lr_of["model.norm.weight"] == 1.0
+    assert decay_of["model.layers.0.self_attn.q_proj.weight"] == 0.1
+    assert decay_of["model.layers.0.input_layernorm.weight"] == 0.0
+
+
+def test_warmup_then_cosine_decay():
+    from launcher.train.optim import build_scheduler
+
+    _, recipe = load_recipe(["recipe=lora", "train.warmup_steps=4", "train.scheduler=cosine", "train.lr=1.0"])
+    optimizer = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    scheduler = build_scheduler(optimizer, recipe.train, total_steps=20)
+    lrs = []
+    for _ in range(20):
+        lrs.append(scheduler.get_last_lr()[0])
+        optimizer.step()
+        scheduler.step()
+    assert lrs[0] == 0.0 and lrs[4] == pytest.approx(1.0)
+    assert lrs[1] < lrs[2] < lrs[3] < lrs[4] and all(a > b for a, b in zip(lrs[4:], lrs[5:]))
+
+
+def test_classification_metrics_by_hand():
+    from launcher.train.evaluate import classification_metrics
+
+    # true x predicted: class 0: 3 right, 1 called class 1; class 1: 2 right; class 2: never predicted right.
+    confusion = torch.tensor([[3, 1, 0], [0, 2, 0], [1, 1, 0]])
+    m = classification_metrics(confusion)
+    assert m["accuracy"] == pytest.approx(5 / 8)
+    precision = [3 / 4, 2 / 4, 0.0]
+    recall = [3 / 4, 1.0, 0.0]
+    f1 = [2 * p * r / (p + r) if p + r else 0.0 for p, r in zip(precision, recall)]
+    assert m["precision"] == pytest.approx(sum(precision) / 3)
+    assert m["recall"] == pytest.approx(sum(recall) / 3)
+    assert m["f1"] == pytest.approx(sum(f1) / 3)
+
+
+def test_existing_run_folder_is_refused_and_left_intact(tiny_llama, tmp_path):
+    run_in_process("lora", tiny_llama, tmp_path / "run")
+    before = {p: p.stat().st_mtime_ns for p in (tmp_path / "run").rglob("*")}
+    assert run_script.main(["recipe=lora", f"model.name={tiny_llama}", f"output.dir={tmp_path / 'run'}"]) == 2
+    assert {p: p.stat().st_mtime_ns for p in (tmp_path / "run").rglob("*")} == before
+
+
+def test_malformed_data_stops_before_any_output(tiny_llama, tmp_path, capsys):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"instruction": "a", "input": "", "output": "b"}\n{"instruction": 3}\n')
+    code = run_script.main(["recipe=lora", f"model.name={tiny_llama}", f"data.train={bad}",
+                            f"output.dir={tmp_path / 'run'}"])
+    assert code == 2 and "bad.jsonl:2" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
+def test_merge_folds_the_adapter_into_a_plain_model(tiny_llama, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from launcher.cli import main as cli
+    from tests.helpers import first_eval_batch
+
+    run, _ = run_in_process("lora", tiny_llama, tmp_path / "run")
+    assert cli(["merge", str(tmp_path / "run")]) == 0
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "merged").eval()
+    live = run.accelerator.unwrap_model(run.model).eval()
+    batch = first_eval_batch(run)
+    with torch.no_grad():
+        torch.testing.assert_close(merged(**batch).logits, live(**batch).logits, atol=1e-4, rtol=1e-4)
+
+
+def test_merge_refuses_a_prompt_tuning_run(tiny_llama, tmp_path):
+    from launcher.outputs.artifacts import merge_run
+
+    run_in_process("prompt_tuning", tiny_llama, tmp_path / "run")
+    with pytest.raises(UserError, match="cannot be merged"):
+        merge_run(tmp_path / "run")
+
+
+def test_recipe_flag_writes_merged_model(tiny_llama, tmp_path):
+    run_in_process("ia3", tiny_llama, tmp_path / "run", "output.merge=true")
+    assert (tmp_path / "run" / "merged" / "model.safetensors").exists()
+    assert json.loads((tmp_path / "run" / "merged" / "config.json").read_text())["model_type"] == "llama"

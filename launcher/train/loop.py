@@ -11,6 +11,7 @@ mean-per-micro-batch would break whenever micro batches hold different numbers o
 from __future__ import annotations
 
 import contextlib
+import gc
 import hashlib
 import json
 import time
@@ -219,11 +220,12 @@ def run_training(recipe, recipe_name: str, command: list[str]) -> Path:
     from launcher.train.build import build_run
 
     run = build_run(recipe, recipe_name, command)
+    is_main = run.is_main  # read before release(): afterwards accelerate would start a new group
     try:
         train_steps(run)
     finally:
         release(run)
-    _log(f"done: {run.run_dir}", run.is_main)
+    _log(f"done: {run.run_dir}", is_main)
     return Path(run.run_dir)
 
 
@@ -232,6 +234,12 @@ def release(run: Run) -> None:
     from accelerate.state import AcceleratorState, GradientState
 
     run.accelerator.end_training()
+    # Drop the DDP wrapper (its reducer owns a reference to the process group) before the group
+    # goes: destroyed afterwards, gloo's destructor waits forever for peers that already exited.
+    run.model = run.accelerator.unwrap_model(run.model)
+    run.optimizer = None
+    run.accelerator.free_memory()
+    gc.collect()
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         # Destroying the group explicitly avoids rare aborts at interpreter exit.
         torch.distributed.destroy_process_group()

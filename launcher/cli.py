@@ -69,8 +69,33 @@ def cmd_run(words: list[str]) -> int:
     argv, extra_env = accelerate_command(recipe, words, has_gpu=torch.cuda.is_available())
     print("[tunefleet] launching: " + " ".join(f"{k}={v}" for k, v in extra_env.items()) + " " + " ".join(argv),
           flush=True)
-    env = {**os.environ, **extra_env}
-    return subprocess.call(argv, env=env)
+    return run_workers(argv, {**os.environ, **extra_env})
+
+
+def run_workers(argv: list[str], env: dict[str, str]) -> int:
+    """Run the launcher; pass stop signals on; report preemption with its own exit code.
+
+    torchrun turns any worker's non-zero exit into its own status 1, so the main worker also
+    writes its outcome to TUNEFLEET_STATUS_FILE, which we read back here.
+    """
+    import signal
+    import tempfile
+
+    from launcher.train.preemption import PREEMPTED_EXIT_CODE, STOP_SIGNALS
+
+    with tempfile.TemporaryDirectory(prefix="tunefleet-") as tmp:
+        status_file = Path(tmp) / "status"
+        child = subprocess.Popen(argv, env={**env, "TUNEFLEET_STATUS_FILE": str(status_file)})
+        previous = {sig: signal.signal(sig, lambda signum, _: child.send_signal(signum)) for sig in STOP_SIGNALS}
+        try:
+            code = child.wait()
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+        status = status_file.read_text().strip() if status_file.exists() else ""
+    if status == "preempted":
+        return PREEMPTED_EXIT_CODE
+    return code
 
 
 def cmd_merge(words: list[str]) -> int:

@@ -17,6 +17,7 @@ if __package__ in (None, ""):
     sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 from launcher.errors import UserError  # noqa: E402
+from launcher.train.preemption import Preempted  # noqa: E402
 
 
 def launched_world_overrides() -> list[str]:
@@ -40,10 +41,15 @@ def main(argv: list[str] | None = None) -> int:
 
         run_training(recipe, name, ["launcher/run.py", *argv])
     except UserError as err:
-        rank = os.environ.get("RANK")
-        if rank in (None, "0"):
+        if os.environ.get("RANK") in (None, "0"):
             print(f"error: {err}", file=sys.stderr)
         return err.exit_code
+    except Preempted as stop:
+        status_file = os.environ.get("TUNEFLEET_STATUS_FILE")
+        if status_file and os.environ.get("RANK") in (None, "0"):
+            with open(status_file, "w") as f:
+                f.write("preempted\n")
+        return stop.exit_code
     return 0
 
 

@@ -14,9 +14,9 @@ def preflight(recipe: Recipe, recipe_name: str) -> None:
     problems = []
     for label, call in [("model", lambda: local_path_of(recipe.model.name))] + [
         ("data", lambda p=source.path: resolve_data_path(p)) for source in recipe.data.sources
-    ] + ([("data", lambda: resolve_data_path(recipe.data.eval))] if recipe.data.eval else []) + [
+    ] + ([("data", lambda: resolve_data_path(recipe.data.eval))] if recipe.data.eval else []) + ([
         ("output", lambda: check_free(render_dir(recipe.output.dir, recipe_name)))
-    ]:
+    ] if recipe.train.resume == "never" else []):
         try:
             call()
         except UserError as err:

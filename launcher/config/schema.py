@@ -240,6 +240,15 @@ class TrainConfig(Section):
     gradient_checkpointing: bool = Field(False, description="Recompute activations in backward: less memory, ~30% slower.")
     seed: int = Field(42, description="Seed for data order, initialisation and dropout.")
     log_every: int = Field(1, ge=1, description="Write a metrics line every N optimizer steps.")
+    checkpoint_every: Optional[int] = Field(
+        None, ge=1, description="Write a resumable checkpoint every N steps and at the end; null writes none "
+        "(a preemption signal still writes one)."
+    )
+    keep_checkpoints: int = Field(2, ge=1, description="Keep the newest N complete checkpoints, deleting older ones.")
+    resume: str = Field(
+        "never", description="never: start fresh (a used output.dir is an error); auto: continue from the newest "
+        "complete checkpoint in output.dir, if any; or the path of a checkpoint folder."
+    )
 
 
 # ---------------------------------------------------------------------------- eval

@@ -9,6 +9,7 @@ replay: the schedule is a function of (seed, step).
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -42,8 +43,7 @@ class BatchPlan:
         return self.global_batch_size // (self.micro_batch_size * self.world_size)
 
     def _permutation(self, epoch: int) -> list[int]:
-        generator = torch.Generator().manual_seed(self.seed + epoch)
-        return torch.randperm(self.num_examples, generator=generator).tolist()
+        return _permutation(self.num_examples, self.seed + epoch)
 
     def global_batch(self, step: int) -> list[int]:
         epoch, within = divmod(step, self.steps_per_epoch)
@@ -55,6 +55,12 @@ class BatchPlan:
         mine = self.global_batch(step)[self.rank * per_rank : (self.rank + 1) * per_rank]
         size = self.micro_batch_size
         return [mine[i : i + size] for i in range(0, per_rank, size)]
+
+
+@functools.lru_cache(maxsize=2)
+def _permutation(num_examples: int, seed: int) -> list[int]:
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randperm(num_examples, generator=generator).tolist()
 
 
 def collate(examples: list[dict], pad_token_id: int) -> dict[str, torch.Tensor]:

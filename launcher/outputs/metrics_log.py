@@ -1,6 +1,8 @@
 """Metrics of a run: metrics.jsonl (one line per logged step), TensorBoard events, a loss-curve PNG.
 
-Only the main process writes; the others hold a no-op logger.
+Only the main process writes; the others hold a logger whose run_dir is None and do nothing.
+On resume, lines and events after the checkpoint's step are dropped first, so a step that ran
+before the interruption and runs again after it appears once.
 """
 
 from __future__ import annotations
@@ -14,11 +16,30 @@ class MetricsLog:
         self.run_dir = run_dir
         self.rows: list[dict] = []
         self._writer = None
-        if run_dir is not None:
-            from torch.utils.tensorboard import SummaryWriter
+        self._file = None
 
-            self._writer = SummaryWriter(log_dir=str(run_dir / "tensorboard"))
-            self._file = (run_dir / "metrics.jsonl").open("a")
+    @property
+    def path(self) -> Path:
+        return self.run_dir / "metrics.jsonl"
+
+    def truncate_after(self, step: int) -> None:
+        if self.run_dir is None or not self.path.exists():
+            return
+        kept = [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
+        self.rows = [row for row in kept if row["step"] <= step]
+        tmp = self.path.with_suffix(".jsonl.tmp")
+        tmp.write_text("".join(json.dumps(row) + "\n" for row in self.rows))
+        tmp.replace(self.path)
+
+    def open(self, purge_after: int = 0) -> None:
+        if self.run_dir is None:
+            return
+        from torch.utils.tensorboard import SummaryWriter
+
+        # purge_step drops events at or after it that an interrupted attempt wrote.
+        self._writer = SummaryWriter(log_dir=str(self.run_dir / "tensorboard"),
+                                     purge_step=purge_after + 1 if purge_after else None)
+        self._file = self.path.open("a")
 
     def log(self, step: int, values: dict[str, float]) -> None:
         if self.run_dir is None:
@@ -32,10 +53,11 @@ class MetricsLog:
             self._writer.add_scalar(f"{group}/{name}", value, step)
 
     def close(self) -> None:
-        if self.run_dir is None:
+        if self.run_dir is None or self._file is None:
             return
         self._writer.close()
         self._file.close()
+        self._file = None
         self.plot(self.run_dir / "loss_curves.png")
 
     def plot(self, path: Path) -> None:

@@ -20,7 +20,8 @@ def render_dir(template: str, recipe_name: str) -> Path:
 def check_free(run_dir: Path) -> None:
     """A run never writes into another run's folder: nothing of it may be lost."""
     if any((run_dir / marker).exists() for marker in RUN_MARKERS):
-        raise UserError(f"output.dir {run_dir} already holds a run; choose another output.dir")
+        raise UserError(f"output.dir {run_dir} already holds a run; choose another output.dir, "
+                        "or continue it with train.resume=auto")
 
 
 def write_resolved_recipe(run_dir: Path, recipe, command: list[str]) -> None:

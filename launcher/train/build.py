@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import glob
 import os
 import sys
 from dataclasses import dataclass
@@ -25,6 +26,7 @@ from launcher.methods import METHODS
 from launcher.methods.common import MethodContext, float32_trainable, parameter_counts
 from launcher.model.sources import materialize
 from launcher.outputs.run_dir import check_free, render_dir, write_resolved_recipe
+from launcher.train.checkpoint import complete_checkpoints, find_resume_point, install_trainable_only_hooks
 from launcher.train.optim import build_optimizer, build_scheduler
 
 
@@ -42,6 +44,8 @@ class Run:
     run_dir: Path
     trainable_params: int
     total_params: int
+    resume_from: Path | None = None  # the checkpoint train.resume resolved to
+    sharded_state: bool = False  # optimizer state split over ranks: resume needs the same world size
 
     @property
     def is_main(self) -> bool:
@@ -161,32 +165,49 @@ def build_run(recipe: Recipe, recipe_name: str, command: list[str]) -> Run:
     optimizer = build_optimizer(model, recipe.train)
     scheduler = build_scheduler(optimizer, recipe.train, total_steps)
     model, optimizer = accelerator.prepare(model, optimizer)
+    accelerator.register_for_checkpointing(scheduler)
+    install_trainable_only_hooks(accelerator, model_is_partial=trainable < total)
 
-    run_dir = _make_run_dir(accelerator, recipe, recipe_name, command)
+    run_dir, resume_from = _make_run_dir(accelerator, recipe, recipe_name, command)
     return Run(recipe=recipe, accelerator=accelerator, model=model, tokenizer=tokenizer, optimizer=optimizer,
                scheduler=scheduler, data=data, plan=plan, total_steps=total_steps, run_dir=run_dir,
-               trainable_params=trainable, total_params=total)
+               trainable_params=trainable, total_params=total, resume_from=resume_from)
 
 
-def _make_run_dir(accelerator, recipe: Recipe, recipe_name: str, command: list[str]) -> Path:
-    """The main process renders {time} once and creates the folder; every rank gets the same path."""
+def _choose_run_dir(recipe: Recipe, recipe_name: str) -> tuple[Path, Path | None]:
+    """Main process only: the run folder and the checkpoint to resume from, per train.resume."""
+    resume = recipe.train.resume
+    template = recipe.output.dir
+    if resume == "auto" and "{time}" in template:
+        # A new {time} would never find the interrupted run: continue the newest one with a checkpoint.
+        pattern = template.format(recipe=recipe_name, time="*")
+        candidates = sorted(Path(p) for p in glob.glob(pattern) if complete_checkpoints(Path(p)))
+        run_dir = candidates[-1].resolve() if candidates else render_dir(template, recipe_name).resolve()
+    else:
+        run_dir = render_dir(template, recipe_name).resolve()
+    if resume == "never":
+        check_free(run_dir)
+    return run_dir, find_resume_point(resume, run_dir)
+
+
+def _make_run_dir(accelerator, recipe: Recipe, recipe_name: str, command: list[str]) -> tuple[Path, Path | None]:
+    """The main process decides the folder (rendering {time} once) and the resume point; all ranks follow."""
     from accelerate.utils import broadcast_object_list
 
-    answer = [None, None]
+    answer = [None, None, None]
     if accelerator.is_main_process:
-        run_dir = render_dir(recipe.output.dir, recipe_name).resolve()
         try:
-            check_free(run_dir)
-            answer = [str(run_dir), None]
+            run_dir, resume_from = _choose_run_dir(recipe, recipe_name)
+            answer = [str(run_dir), str(resume_from) if resume_from else None, None]
         except UserError as err:
-            answer = [None, str(err)]
+            answer = [None, None, str(err)]
     if accelerator.num_processes > 1:
         broadcast_object_list(answer, from_process=0)
-    if answer[1]:
-        raise UserError(answer[1])
+    if answer[2]:
+        raise UserError(answer[2])
     run_dir = Path(answer[0])
     recipe.output.dir = str(run_dir)
     if accelerator.is_main_process:
         run_dir.mkdir(parents=True, exist_ok=True)
         write_resolved_recipe(run_dir, recipe, command or sys.argv)
-    return run_dir
+    return run_dir, Path(answer[1]) if answer[1] else None

@@ -26,7 +26,9 @@ from launcher.outputs.artifacts import merge_run, save_artifact
 from launcher.outputs.metrics_log import MetricsLog
 from launcher.outputs.run_dir import write_json
 from launcher.train.build import Run, _log
+from launcher.train.checkpoint import check_resumable, save_checkpoint
 from launcher.train.evaluate import evaluate, improved
+from launcher.train.preemption import PREEMPTED_EXIT_CODE, Preempted, StopFlag
 
 
 def micro_batch_loss(model, batch: dict, normalizer: torch.Tensor, classification: bool) -> torch.Tensor:
@@ -64,113 +66,159 @@ def _parameter_checksum(model) -> float:
     return float(sum(p.detach().double().sum() for p in model.parameters() if p.requires_grad))
 
 
+def _restore(run: Run, log: MetricsLog) -> dict:
+    """Load the checkpoint train.resume points at (if any) and say what happened."""
+    state: dict = {"step": 0, "best_value": None, "best_step": None, "evals_without_gain": 0,
+                   "eval_start": None, "eval_final": None, "tokens_done": 0, "elapsed": 0.0}
+    checkpoint = run.resume_from
+    if checkpoint is None:
+        how = {"never": "starting fresh (train.resume=never)",
+               "auto": f"train.resume=auto: no complete checkpoint in {run.run_dir}, starting from step 0"}
+        _log(how.get(run.recipe.train.resume, "starting fresh"), run.is_main)
+        return state
+    saved = check_resumable(checkpoint, run.recipe, run.accelerator.num_processes, run.sharded_state)
+    run.accelerator.load_state(str(checkpoint))
+    state.update({k: saved[k] for k in state if k in saved})
+    log.truncate_after(state["step"])
+    _log(f"resumed from {checkpoint} at step {state['step']} of {run.total_steps} "
+         f"(written with world size {saved['world_size']}, now {run.accelerator.num_processes})", run.is_main)
+    return state
+
+
+def _checkpoint(run: Run, state: dict) -> Path:
+    trainer_state = {**state, "world_size": run.accelerator.num_processes,
+                     "recipe": run.recipe.model_dump(mode="json")}
+    return save_checkpoint(run.accelerator, run.run_dir, state["step"], trainer_state,
+                           keep=run.recipe.train.keep_checkpoints)
+
+
 def train_steps(run: Run) -> dict:
     recipe, acc, plan = run.recipe, run.accelerator, run.plan
     from tqdm.auto import tqdm
 
     log = MetricsLog(run.run_dir if run.is_main else None)
+    state = _restore(run, log)
+    log.open(purge_after=state["step"])
     classification = run.num_labels is not None
     metric_key = eval_key(recipe.eval.metric)
-    best_value, best_step, evals_without_gain = None, None, 0
-    summary: dict = {"eval_start": None, "eval_final": None, "stopped_early": False}
     has_eval = run.data.eval is not None and len(run.data.eval) > 0
+    stopped_early = False
 
-    if has_eval and recipe.eval.at_start:
-        summary["eval_start"] = _evaluate(run)
-        log.log(0, summary["eval_start"])
-        _log(f"eval before training: {_fmt(summary['eval_start'])}", run.is_main)
+    if has_eval and recipe.eval.at_start and state["step"] == 0:
+        state["eval_start"] = _evaluate(run)
+        log.log(0, state["eval_start"])
+        _log(f"eval before training: {_fmt(state['eval_start'])}", run.is_main)
+    samples_before = generate_samples(run) if run.is_main and recipe.eval.at_start and state["step"] == 0 else []
 
-    seen = hashlib.sha256()
-    tokens_done, started = 0, time.perf_counter()
+    stop = StopFlag().install()
+    started = time.perf_counter() - state["elapsed"]
     train_loss = float("nan")
-    progress = tqdm(total=run.total_steps, desc="training", disable=not run.is_main, dynamic_ncols=True)
+    progress = tqdm(total=run.total_steps, initial=state["step"], desc="training", disable=not run.is_main,
+                    dynamic_ncols=True)
     run.model.train()
-    step = 0
-    for step in range(1, run.total_steps + 1):
-        step_start = time.perf_counter()
-        micro_indices = plan.micro_batches(step - 1)
-        seen.update(json.dumps(micro_indices).encode())
-        batches = [collate(run.data.train.select(idx), run.tokenizer.pad_token_id) for idx in micro_indices]
-        local = torch.tensor([sum(count_targets(b["labels"]) for b in batches),
-                              sum(int(b["attention_mask"].sum()) for b in batches)], dtype=torch.float64,
-                             device=acc.device)
-        targets, tokens = acc.reduce(local.clone(), reduction="sum").tolist()
-        normalizer = torch.tensor(max(targets, 1.0) / acc.num_processes, device=acc.device)
-        loss_sum = torch.zeros((), dtype=torch.float64, device=acc.device)
-        for i, batch in enumerate(batches):
-            batch = {k: v.to(acc.device) for k, v in batch.items()}
-            last = i == len(batches) - 1
-            # Gradients are all-reduced once per optimizer step, on the last micro batch.
-            with contextlib.nullcontext() if last else acc.no_sync(run.model):
-                loss = micro_batch_loss(run.model, batch, normalizer, classification)
-                acc.backward(loss)
-            loss_sum += loss.detach().double() * normalizer
-        grad_norm = None
-        if recipe.train.max_grad_norm:
-            grad_norm = acc.clip_grad_norm_(run.model.parameters(), recipe.train.max_grad_norm)
-        run.optimizer.step()
-        run.scheduler.step()
-        run.optimizer.zero_grad(set_to_none=True)
+    try:
+        for step in range(state["step"] + 1, run.total_steps + 1):
+            step_start = time.perf_counter()
+            batches = [collate(run.data.train.select(idx), run.tokenizer.pad_token_id)
+                       for idx in plan.micro_batches(step - 1)]
+            local = torch.tensor([sum(count_targets(b["labels"]) for b in batches),
+                                  sum(int(b["attention_mask"].sum()) for b in batches)], dtype=torch.float64,
+                                 device=acc.device)
+            targets, tokens = acc.reduce(local.clone(), reduction="sum").tolist()
+            normalizer = torch.tensor(max(targets, 1.0) / acc.num_processes, device=acc.device)
+            loss_sum = torch.zeros((), dtype=torch.float64, device=acc.device)
+            for i, batch in enumerate(batches):
+                batch = {k: v.to(acc.device) for k, v in batch.items()}
+                last = i == len(batches) - 1
+                # Gradients are all-reduced once per optimizer step, on the last micro batch.
+                with contextlib.nullcontext() if last else acc.no_sync(run.model):
+                    loss = micro_batch_loss(run.model, batch, normalizer, classification)
+                    acc.backward(loss)
+                loss_sum += loss.detach().double() * normalizer
+            grad_norm = None
+            if recipe.train.max_grad_norm:
+                grad_norm = acc.clip_grad_norm_(run.model.parameters(), recipe.train.max_grad_norm)
+            run.optimizer.step()
+            run.scheduler.step()
+            run.optimizer.zero_grad(set_to_none=True)
 
-        train_loss = float(acc.reduce(loss_sum, reduction="sum")) / max(targets, 1.0)
-        tokens_done += tokens
-        row: dict[str, float] = {}
-        if step % recipe.train.log_every == 0 or step == run.total_steps:
-            row.update(loss=train_loss, lr=max(run.scheduler.get_last_lr()),
-                       tokens_per_s=tokens / max(time.perf_counter() - step_start, 1e-9),
-                       epoch=step / plan.steps_per_epoch)
-            if grad_norm is not None:
-                row["grad_norm"] = float(grad_norm)
-        progress.update(1)
-        progress.set_postfix(loss=f"{train_loss:.4f}")
+            train_loss = float(acc.reduce(loss_sum, reduction="sum")) / max(targets, 1.0)
+            state["step"] = step
+            state["tokens_done"] += tokens
+            row: dict[str, float] = {}
+            if step % recipe.train.log_every == 0 or step == run.total_steps:
+                row.update(loss=train_loss, lr=max(run.scheduler.get_last_lr()),
+                           tokens_per_s=tokens / max(time.perf_counter() - step_start, 1e-9),
+                           epoch=step / plan.steps_per_epoch)
+                if grad_norm is not None:
+                    row["grad_norm"] = float(grad_norm)
+            progress.update(1)
+            progress.set_postfix(loss=f"{train_loss:.4f}")
 
-        every = recipe.eval.every_steps
-        if has_eval and ((every and step % every == 0) or step == run.total_steps):
-            metrics = _evaluate(run)
-            row.update(metrics)
-            summary["eval_final"] = metrics
-            if improved(recipe.eval.metric, metrics[metric_key], best_value):
-                best_value, best_step, evals_without_gain = metrics[metric_key], step, 0
-                _save(run, "best")
-            else:
-                evals_without_gain += 1
-            patience = recipe.eval.early_stopping_patience
-            if patience and evals_without_gain >= patience:
-                summary["stopped_early"] = True
-                _log(f"early stop at step {step}: {metric_key} has not improved for {patience} evaluations "
-                     f"(best {best_value:.4f} at step {best_step})", run.is_main)
-        if row:
-            log.log(step, row)
-        if summary["stopped_early"]:
-            break
-    progress.close()
+            every = recipe.eval.every_steps
+            if has_eval and ((every and step % every == 0) or step == run.total_steps):
+                metrics = _evaluate(run)
+                row.update(metrics)
+                state["eval_final"] = metrics
+                if improved(recipe.eval.metric, metrics[metric_key], state["best_value"]):
+                    state["best_value"], state["best_step"], state["evals_without_gain"] = metrics[metric_key], step, 0
+                    _save(run, "best")
+                else:
+                    state["evals_without_gain"] += 1
+                patience = recipe.eval.early_stopping_patience
+                if patience and state["evals_without_gain"] >= patience:
+                    stopped_early = True
+                    _log(f"early stop at step {step}: {metric_key} has not improved for {patience} evaluations "
+                         f"(best {state['best_value']:.4f} at step {state['best_step']})", run.is_main)
+            if row:
+                log.log(step, row)
+            state["elapsed"] = time.perf_counter() - started
+            ckpt_every = recipe.train.checkpoint_every
+            if ckpt_every and (step % ckpt_every == 0 or step == run.total_steps or stopped_early):
+                _checkpoint(run, state)
+            if stop.any_rank_stopping(acc):
+                path = _checkpoint(run, state)
+                _log(f"{stop.signal_name or 'stop signal on another rank'}: checkpoint {path} written after "
+                     f"step {step}; exiting with code {PREEMPTED_EXIT_CODE} (requeue with train.resume=auto)",
+                     run.is_main)
+                log.close()
+                raise Preempted(path)
+            if stopped_early:
+                break
+    finally:
+        progress.close()
+        stop.uninstall()
     elapsed = time.perf_counter() - started
 
     _save(run, "final")
+    summary = {"eval_start": state["eval_start"], "eval_final": state["eval_final"], "stopped_early": stopped_early}
     if summary["eval_final"]:
         _log(f"eval after training: {_fmt(summary['eval_final'])}", run.is_main)
     if summary["eval_start"] and summary["eval_final"]:
         _log(f"eval_loss before -> after: {summary['eval_start']['eval_loss']:.4f} -> "
              f"{summary['eval_final']['eval_loss']:.4f}", run.is_main)
     samples = generate_samples(run) if run.is_main and recipe.eval.sample_prompts else []
+    for sample, before in zip(samples, samples_before):
+        sample["before_training"] = before["answer"]
     if run.is_main and samples:
         with (run.run_dir / "samples.jsonl").open("w") as f:
             for sample in samples:
                 f.write(json.dumps(sample) + "\n")
-                print(f"[tunefleet] sample: {sample['prompt']!r} -> {sample['answer']!r}", flush=True)
-    _write_rank_summary(run, seen.hexdigest(), step)
+                _log(f"sample: {sample['prompt']!r} -> {sample['answer']!r}", True)
+    _write_rank_summary(run, state["step"])
     log.close()
     if recipe.output.merge and run.is_main:
         merged = merge_run(run.run_dir)
         _log(f"merged model written to {merged}", True)
 
     result = {
-        "method": recipe.peft.method, "task": recipe.model.task, "steps": step,
-        "train_loss": train_loss, "runtime_s": elapsed, "tokens_per_s": tokens_done / max(elapsed, 1e-9),
+        "method": recipe.peft.method, "task": recipe.model.task, "steps": state["step"],
+        "train_loss": train_loss, "runtime_s": elapsed, "tokens_per_s": state["tokens_done"] / max(elapsed, 1e-9),
         "trainable_params": run.trainable_params, "total_params": run.total_params,
         "world_size": acc.num_processes, "global_batch_size": recipe.train.global_batch_size,
         "gradient_accumulation_steps": plan.accumulation,
-        "best": {"metric": metric_key, "value": best_value, "step": best_step} if best_step else None,
+        "best": ({"metric": metric_key, "value": state["best_value"], "step": state["best_step"]}
+                 if state["best_step"] else None),
         **summary, "samples": samples,
     }
     if run.is_main:
@@ -194,14 +242,17 @@ def generate_samples(run: Run) -> list[dict]:
     return samples
 
 
-def _write_rank_summary(run: Run, data_digest: str, steps: int) -> None:
+def _write_rank_summary(run: Run, steps: int) -> None:
     """Each rank records what it saw and where its weights ended; all must agree on the weights."""
     from accelerate.utils import gather_object
 
+    seen = hashlib.sha256()
+    for step in range(steps):
+        seen.update(json.dumps(run.plan.micro_batches(step)).encode())
     checksum = _parameter_checksum(run.model)
     record = {
         "rank": run.accelerator.process_index, "world_size": run.accelerator.num_processes, "steps": steps,
-        "data_digest": data_digest, "first_micro_batches": run.plan.micro_batches(0), "param_checksum": checksum,
+        "data_digest": seen.hexdigest(), "first_micro_batches": run.plan.micro_batches(0), "param_checksum": checksum,
     }
     folder = run.run_dir / "ranks"
     folder.mkdir(parents=True, exist_ok=True)

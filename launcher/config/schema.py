@@ -151,7 +151,20 @@ ADAPTER_METHODS = frozenset({"lora", "qlora", "dora", "prompt_tuning", "prefix_t
 
 
 class DistributedConfig(Section):
-    backend: Literal["ddp"] = Field("ddp", description="Data-parallel strategy. ddp: every rank holds the full model.")
+    backend: Literal["ddp", "fsdp", "deepspeed"] = Field(
+        "ddp", description="ddp: every rank holds the whole model; fsdp: FSDP2 shards parameters, gradients and "
+        "optimizer state; deepspeed: ZeRO stage and offload from distributed.config."
+    )
+    config: Optional[str] = Field(
+        None, description="DeepSpeed JSON: a name in ds_configs/ (zero1, zero2, zero3, zero2_offload, zero3_offload) "
+        "or a path. Batch sizes, accumulation, clipping and precision must be \"auto\": the recipe sets them."
+    )
+    fsdp_sharding: Literal["full_shard", "shard_grad_op", "hybrid_shard"] = Field(
+        "full_shard", description="FSDP2: full_shard frees parameters after use (least memory); shard_grad_op keeps "
+        "them gathered between forward and backward (less communication); hybrid_shard shards within a machine "
+        "and replicates across machines."
+    )
+    fsdp_cpu_offload: bool = Field(False, description="FSDP2: keep sharded parameters and optimizer state in CPU memory.")
     num_processes: int = Field(1, ge=1, description="Processes (GPUs, or CPU workers) per machine.")
     num_machines: int = Field(1, ge=1, description="Machines taking part in the run.")
     machine_rank: int = Field(0, ge=0, description="This machine's index, 0 .. num_machines-1.")

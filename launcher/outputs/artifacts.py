@@ -14,12 +14,13 @@ from pathlib import Path
 from launcher.errors import UserError
 
 
-def expected_tensors(model) -> dict[str, tuple]:
+def expected_tensors(model, state_dict: dict | None = None) -> dict[str, tuple]:
+    """Names and shapes the saved files must hold, from whole (gathered) tensors."""
     if hasattr(model, "peft_config"):
         from peft import get_peft_model_state_dict
 
-        return {k: tuple(v.shape) for k, v in get_peft_model_state_dict(model).items()}
-    return {k: tuple(v.shape) for k, v in model.state_dict().items()}
+        return {k: tuple(v.shape) for k, v in get_peft_model_state_dict(model, state_dict=state_dict).items()}
+    return {k: tuple(v.shape) for k, v in (state_dict if state_dict is not None else model.state_dict()).items()}
 
 
 def verify_artifact(folder: Path, expected: dict[str, tuple], is_adapter: bool) -> None:
@@ -45,16 +46,36 @@ def verify_artifact(folder: Path, expected: dict[str, tuple], is_adapter: bool) 
         raise RuntimeError(f"save check failed for {folder}: {detail}")
 
 
-def save_artifact(model, tokenizer, folder: Path) -> None:
-    """Write `model` (unwrapped) and its tokenizer to `folder`, atomically, then verify the files."""
+def save_artifact(model, tokenizer, folder: Path, state_dict: dict | None = None) -> None:
+    """Write `model` (unwrapped) and its tokenizer to `folder`, atomically, then verify the files.
+
+    `state_dict` holds whole tensors where the live parameters are shards (ZeRO-3, FSDP): saving
+    the live, partitioned parameters is how peers end up with empty adapters.
+    """
     is_adapter = hasattr(model, "peft_config")
     tmp = folder.with_name(folder.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(str(tmp))
+    model.save_pretrained(str(tmp), state_dict=state_dict)
     tokenizer.save_pretrained(str(tmp))
-    verify_artifact(tmp, expected_tensors(model), is_adapter)
+    verify_artifact(tmp, expected_tensors(model, state_dict), is_adapter)
+    load_check(tmp, is_adapter)
     shutil.rmtree(folder, ignore_errors=True)
     tmp.rename(folder)
+
+
+def load_check(folder: Path, is_adapter: bool) -> None:
+    """Read the artifact back with the stock loaders' own functions (config and weights)."""
+    if is_adapter:
+        from peft import PeftConfig
+        from peft.utils import load_peft_weights
+
+        PeftConfig.from_pretrained(str(folder))
+        if not load_peft_weights(str(folder), device="cpu"):
+            raise RuntimeError(f"save check failed: peft loads no weights from {folder}")
+    else:
+        from transformers import AutoConfig
+
+        AutoConfig.from_pretrained(str(folder))
 
 
 def merge_run(run_dir: Path, artifact: str = "final") -> Path:

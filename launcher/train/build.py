@@ -21,11 +21,12 @@ import torch
 from launcher.config.schema import Recipe
 from launcher.data.batches import BatchPlan
 from launcher.data.prepare import PreparedData, prepare_data
+from launcher.distributed.accelerate_backend import AccelerateBackend
 from launcher.errors import UserError
 from launcher.methods import METHODS
 from launcher.methods.common import MethodContext, float32_trainable, parameter_counts
 from launcher.model.sources import materialize
-from launcher.outputs.run_dir import check_free, render_dir, write_resolved_recipe
+from launcher.outputs.run_dir import check_free, render_dir, write_json, write_resolved_recipe
 from launcher.train.checkpoint import complete_checkpoints, find_resume_point, install_trainable_only_hooks
 from launcher.train.optim import build_optimizer, build_scheduler
 
@@ -44,8 +45,8 @@ class Run:
     run_dir: Path
     trainable_params: int
     total_params: int
+    backend: object = None  # launcher.distributed: how to step, gather and checkpoint
     resume_from: Path | None = None  # the checkpoint train.resume resolved to
-    sharded_state: bool = False  # optimizer state split over ranks: resume needs the same world size
 
     @property
     def is_main(self) -> bool:
@@ -96,6 +97,10 @@ def load_model(model_path: str, recipe: Recipe, label_names: list[str] | None, d
         raise UserError(f"could not load model.name={recipe.model.name}: {str(err).splitlines()[0]}") from None
 
 
+def make_backend(recipe: Recipe, accumulation: int, precision: str):
+    return AccelerateBackend(recipe, accumulation, precision)
+
+
 def _seed_everything(seed: int) -> None:
     from transformers import set_seed
 
@@ -118,6 +123,8 @@ def build_run(recipe: Recipe, recipe_name: str, command: list[str]) -> Run:
     data = prepare_data(recipe, tokenizer, quiet=not local_main)
 
     use_cpu = not torch.cuda.is_available()
+    precision = mixed_precision(recipe.train.precision)
+    backend = make_backend(recipe, recipe.gradient_accumulation_steps, precision)
     handlers = []
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         # gloo must be named on CPU: without it accelerate picks a backend DeepSpeed and FSDP reject.
@@ -125,7 +132,9 @@ def build_run(recipe: Recipe, recipe_name: str, command: list[str]) -> Run:
             backend="gloo" if use_cpu else "nccl", timeout=timedelta(minutes=recipe.distributed.timeout_minutes)
         ))
     accelerator = Accelerator(
-        cpu=use_cpu, mixed_precision=mixed_precision(recipe.train.precision), kwargs_handlers=handlers
+        # DeepSpeed refuses accelerate's cpu flag; it finds the CPU accelerator by itself.
+        cpu=use_cpu and backend.ds_config is None, mixed_precision=precision, kwargs_handlers=handlers,
+        **backend.accelerator_kwargs(),
     )
     if accelerator.num_processes != recipe.distributed.world_size:
         raise UserError(
@@ -162,16 +171,24 @@ def build_run(recipe: Recipe, recipe_name: str, command: list[str]) -> Run:
          f"accumulation {plan.accumulation} x world size {accelerator.num_processes}; "
          f"{len(data.train)} training examples, {total_steps} steps", is_main)
 
-    optimizer = build_optimizer(model, recipe.train)
+    optimizer = build_optimizer(model, recipe.train, backend.optimizer_class())
     scheduler = build_scheduler(optimizer, recipe.train, total_steps)
-    model, optimizer = accelerator.prepare(model, optimizer)
+    model, optimizer = backend.prepare(accelerator, model, optimizer)
     accelerator.register_for_checkpointing(scheduler)
-    install_trainable_only_hooks(accelerator, model_is_partial=trainable < total)
+    if backend.ds_config is None:
+        install_trainable_only_hooks(accelerator, model_is_partial=trainable < total)
+    _log(f"backend: {backend.name}", is_main)
 
     run_dir, resume_from = _make_run_dir(accelerator, recipe, recipe_name, command)
+    if is_main:
+        write_json(run_dir / "distributed.json", {
+            "world_size": accelerator.num_processes, "num_machines": recipe.distributed.num_machines,
+            "gradient_accumulation_steps": plan.accumulation, "mixed_precision": precision,
+            **backend.resolved_config(),
+        })
     return Run(recipe=recipe, accelerator=accelerator, model=model, tokenizer=tokenizer, optimizer=optimizer,
                scheduler=scheduler, data=data, plan=plan, total_steps=total_steps, run_dir=run_dir,
-               trainable_params=trainable, total_params=total, resume_from=resume_from)
+               trainable_params=trainable, total_params=total, backend=backend, resume_from=resume_from)
 
 
 def _choose_run_dir(recipe: Recipe, recipe_name: str) -> tuple[Path, Path | None]:

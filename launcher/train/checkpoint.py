@@ -76,7 +76,7 @@ def install_trainable_only_hooks(accelerator, model_is_partial: bool) -> None:
     accelerator.register_load_state_pre_hook(load_hook)
 
 
-def save_checkpoint(accelerator, run_dir: Path, step: int, trainer_state: dict, keep: int) -> Path:
+def save_checkpoint(accelerator, backend, run_dir: Path, step: int, trainer_state: dict, keep: int) -> Path:
     root = checkpoint_root(run_dir)
     final = root / f"step-{step:08d}"
     tmp = root / f"step-{step:08d}.tmp"
@@ -84,7 +84,7 @@ def save_checkpoint(accelerator, run_dir: Path, step: int, trainer_state: dict, 
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp))
+    backend.save_state(accelerator, str(tmp))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         state_tmp = tmp / (STATE_FILE + ".tmp")

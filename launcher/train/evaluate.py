@@ -41,9 +41,16 @@ def evaluate(model, dataset, *, accelerator, batch_size: int, pad_token_id: int,
     loss_sum = torch.zeros((), dtype=torch.float64, device=accelerator.device)
     targets = torch.zeros((), dtype=torch.float64, device=accelerator.device)
     confusion = torch.zeros((num_labels or 1, num_labels or 1), dtype=torch.long, device=accelerator.device)
-    for start in range(0, len(indices), batch_size):
-        batch = collate(dataset.select(indices[start : start + batch_size]), pad_token_id)
+    # Every rank runs the same number of forward passes: with sharded parameters (ZeRO-3, FSDP) each
+    # forward is a collective, so a rank with fewer examples runs a filler batch and ignores it.
+    per_rank = -(-len(dataset) // accelerator.num_processes)
+    for start in range(0, per_rank, batch_size):
+        chunk = indices[start : start + batch_size]
+        batch = collate(dataset.select(chunk or [0]), pad_token_id)
         batch = {k: v.to(accelerator.device) for k, v in batch.items()}
+        if not chunk:
+            model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+            continue
         n = count_targets(batch["labels"])
         if num_labels:
             logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()

@@ -52,14 +52,17 @@ def _evaluate(run: Run) -> dict[str, float]:
     return {eval_key(k): v for k, v in metrics.items()}
 
 
-def _save(run: Run, name: str) -> None:
+def _save(run: Run, name: str) -> dict:
+    """Save the artifact from whole tensors (gathered from every rank where sharded); return them."""
     run.accelerator.wait_for_everyone()
+    full_state = run.backend.full_state_dict(run.accelerator, run.model)
     if run.is_main:
         folder = run.run_dir / name
-        save_artifact(run.accelerator.unwrap_model(run.model), run.tokenizer, folder)
+        save_artifact(run.accelerator.unwrap_model(run.model), run.tokenizer, folder, state_dict=full_state)
         if run.data.label_names:
             (folder / "labels.json").write_text(json.dumps(run.data.label_names))
     run.accelerator.wait_for_everyone()
+    return full_state
 
 
 def _parameter_checksum(model) -> float:
@@ -76,8 +79,8 @@ def _restore(run: Run, log: MetricsLog) -> dict:
                "auto": f"train.resume=auto: no complete checkpoint in {run.run_dir}, starting from step 0"}
         _log(how.get(run.recipe.train.resume, "starting fresh"), run.is_main)
         return state
-    saved = check_resumable(checkpoint, run.recipe, run.accelerator.num_processes, run.sharded_state)
-    run.accelerator.load_state(str(checkpoint))
+    saved = check_resumable(checkpoint, run.recipe, run.accelerator.num_processes, run.backend.sharded_state)
+    run.backend.load_state(run.accelerator, str(checkpoint))
     state.update({k: saved[k] for k in state if k in saved})
     log.truncate_after(state["step"])
     _log(f"resumed from {checkpoint} at step {state['step']} of {run.total_steps} "
@@ -88,7 +91,7 @@ def _restore(run: Run, log: MetricsLog) -> dict:
 def _checkpoint(run: Run, state: dict) -> Path:
     trainer_state = {**state, "world_size": run.accelerator.num_processes,
                      "recipe": run.recipe.model_dump(mode="json")}
-    return save_checkpoint(run.accelerator, run.run_dir, state["step"], trainer_state,
+    return save_checkpoint(run.accelerator, run.backend, run.run_dir, state["step"], trainer_state,
                            keep=run.recipe.train.keep_checkpoints)
 
 
@@ -108,7 +111,7 @@ def train_steps(run: Run) -> dict:
         state["eval_start"] = _evaluate(run)
         log.log(0, state["eval_start"])
         _log(f"eval before training: {_fmt(state['eval_start'])}", run.is_main)
-    samples_before = generate_samples(run) if run.is_main and recipe.eval.at_start and state["step"] == 0 else []
+    samples_before = generate_samples(run) if recipe.eval.at_start and state["step"] == 0 else []
 
     stop = StopFlag().install()
     started = time.perf_counter() - state["elapsed"]
@@ -129,18 +132,16 @@ def train_steps(run: Run) -> dict:
             loss_sum = torch.zeros((), dtype=torch.float64, device=acc.device)
             for i, batch in enumerate(batches):
                 batch = {k: v.to(acc.device) for k, v in batch.items()}
-                last = i == len(batches) - 1
-                # Gradients are all-reduced once per optimizer step, on the last micro batch.
-                with contextlib.nullcontext() if last else acc.no_sync(run.model):
+                # Gradients are synchronised once per optimizer step, on the last micro batch.
+                with run.backend.micro_step(acc, run.model, last=i == len(batches) - 1):
                     loss = micro_batch_loss(run.model, batch, normalizer, classification)
-                    acc.backward(loss)
+                    run.backend.backward(acc, loss)
                 loss_sum += loss.detach().double() * normalizer
-            grad_norm = None
-            if recipe.train.max_grad_norm:
-                grad_norm = acc.clip_grad_norm_(run.model.parameters(), recipe.train.max_grad_norm)
+            clipped = run.backend.clip_gradients(acc, run.model, recipe.train.max_grad_norm)
             run.optimizer.step()
             run.scheduler.step()
             run.optimizer.zero_grad(set_to_none=True)
+            grad_norm = run.backend.grad_norm_after_step(acc, clipped)
 
             train_loss = float(acc.reduce(loss_sum, reduction="sum")) / max(targets, 1.0)
             state["step"] = step
@@ -190,14 +191,14 @@ def train_steps(run: Run) -> dict:
         stop.uninstall()
     elapsed = time.perf_counter() - started
 
-    _save(run, "final")
+    final_state = _save(run, "final")
     summary = {"eval_start": state["eval_start"], "eval_final": state["eval_final"], "stopped_early": stopped_early}
     if summary["eval_final"]:
         _log(f"eval after training: {_fmt(summary['eval_final'])}", run.is_main)
     if summary["eval_start"] and summary["eval_final"]:
         _log(f"eval_loss before -> after: {summary['eval_start']['eval_loss']:.4f} -> "
              f"{summary['eval_final']['eval_loss']:.4f}", run.is_main)
-    samples = generate_samples(run) if run.is_main and recipe.eval.sample_prompts else []
+    samples = generate_samples(run)
     for sample, before in zip(samples, samples_before):
         sample["before_training"] = before["answer"]
     if run.is_main and samples:
@@ -205,7 +206,7 @@ def train_steps(run: Run) -> dict:
             for sample in samples:
                 f.write(json.dumps(sample) + "\n")
                 _log(f"sample: {sample['prompt']!r} -> {sample['answer']!r}", True)
-    _write_rank_summary(run, state["step"])
+    _write_rank_summary(run, state["step"], final_state)
     log.close()
     if recipe.output.merge and run.is_main:
         merged = merge_run(run.run_dir)
@@ -228,7 +229,11 @@ def train_steps(run: Run) -> dict:
 
 @torch.no_grad()
 def generate_samples(run: Run) -> list[dict]:
+    """Greedy answers to eval.sample_prompts. With sharded parameters every rank must take part in
+    each forward pass; otherwise only the main process generates."""
     recipe = run.recipe
+    if not recipe.eval.sample_prompts or not (run.is_main or run.backend.params_sharded):
+        return []
     model = run.accelerator.unwrap_model(run.model)
     model.eval()
     samples = []
@@ -236,30 +241,57 @@ def generate_samples(run: Run) -> list[dict]:
         text = render_prompt(run.tokenizer, recipe.data.prompt_template, prompt)
         encoded = run.tokenizer(text, return_tensors="pt", add_special_tokens=False).to(run.accelerator.device)
         output = model.generate(**encoded, max_new_tokens=recipe.eval.sample_max_new_tokens, do_sample=False,
-                                pad_token_id=run.tokenizer.pad_token_id)
+                                pad_token_id=run.tokenizer.pad_token_id,
+                                synced_gpus=run.backend.params_sharded and run.accelerator.num_processes > 1)
         answer = run.tokenizer.decode(output[0, encoded["input_ids"].shape[1]:], skip_special_tokens=True)
         samples.append({"prompt": prompt, "answer": answer.strip()})
     return samples
 
 
-def _write_rank_summary(run: Run, steps: int) -> None:
-    """Each rank records what it saw and where its weights ended; all must agree on the weights."""
+def _write_rank_summary(run: Run, steps: int, full_state: dict) -> None:
+    """Each rank records what it saw and where its weights ended; replicated weights must agree."""
     from accelerate.utils import gather_object
 
     seen = hashlib.sha256()
     for step in range(steps):
         seen.update(json.dumps(run.plan.micro_batches(step)).encode())
-    checksum = _parameter_checksum(run.model)
+    trainable = {name for name, p in run.accelerator.unwrap_model(run.model).named_parameters() if p.requires_grad}
+    if run.backend.params_sharded:
+        # Each rank holds a shard: the checksum is of the gathered tensors, on the main process.
+        checksum = _state_checksum(full_state, trainable) if run.is_main else None
+    else:
+        checksum = _parameter_checksum(run.model)
     record = {
         "rank": run.accelerator.process_index, "world_size": run.accelerator.num_processes, "steps": steps,
         "data_digest": seen.hexdigest(), "first_micro_batches": run.plan.micro_batches(0), "param_checksum": checksum,
+        "backend": run.backend.name, "local_param_elements": _local_elements(run.model),
+        "total_param_elements": run.total_params,
     }
     folder = run.run_dir / "ranks"
     folder.mkdir(parents=True, exist_ok=True)
     (folder / f"rank{record['rank']}.json").write_text(json.dumps(record, indent=1))
+    if run.backend.params_sharded:
+        return
     checksums = gather_object([checksum]) if run.accelerator.num_processes > 1 else [checksum]
     if len(set(checksums)) != 1:
         raise RuntimeError(f"ranks ended with different weights (checksums {checksums}): data-parallel sync is broken")
+
+
+def _local_elements(model) -> int:
+    """Parameter elements this rank actually holds: its shard under ZeRO-3 or FSDP, everything under DDP."""
+    total = 0
+    for param in model.parameters():
+        if hasattr(param, "ds_tensor"):  # ZeRO-3 partition
+            total += param.ds_tensor.numel()
+        elif hasattr(param, "to_local"):  # FSDP2 DTensor shard
+            total += param.to_local().numel()
+        else:
+            total += param.numel()
+    return total
+
+
+def _state_checksum(state: dict, names: set[str]) -> float:
+    return float(sum(t.double().sum() for k, t in state.items() if k in names))
 
 
 def _fmt(metrics: dict[str, float]) -> str:

@@ -42,11 +42,14 @@ def parameter_groups(model: nn.Module, lr: float, weight_decay: float, layer_lr_
     return list(groups.values())
 
 
-def build_optimizer(model: nn.Module, train_cfg) -> torch.optim.Optimizer:
+def build_optimizer(model: nn.Module, train_cfg, optimizer_class=None) -> torch.optim.Optimizer:
+    """AdamW over the parameter groups; `optimizer_class` lets a backend substitute its own (ZeRO-Offload)."""
     groups = parameter_groups(model, train_cfg.lr, train_cfg.weight_decay, train_cfg.layer_lr_decay)
     for group in groups:
         group.pop("names")
     kwargs = {"lr": train_cfg.lr, "betas": tuple(train_cfg.betas)}
+    if optimizer_class is not None:
+        return optimizer_class(groups, **kwargs)
     if train_cfg.optimizer == "adamw_8bit":
         import bitsandbytes as bnb
 

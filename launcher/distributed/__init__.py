@@ -1,0 +1,1 @@
+"""Distributed backends: DDP, FSDP2 and DeepSpeed ZeRO, chosen by `distributed.backend`."""

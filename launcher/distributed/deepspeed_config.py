@@ -1,0 +1,77 @@
+"""The DeepSpeed JSON a run uses, derived from the recipe (no heavy imports: validation uses it).
+
+The shipped JSONs in ds_configs/ say "auto" for everything the recipe decides: batch sizes,
+accumulation, clipping and precision. We fill those from the recipe here, and a JSON that hard-codes
+one of them to a different value than the recipe is an error before anything loads (config drift
+between launcher and DeepSpeed is a classic source of silent mistakes).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from launcher.errors import UserError
+
+DS_CONFIGS_DIR = Path(__file__).resolve().parents[2] / "ds_configs"
+
+
+def find_ds_config(name: str) -> Path:
+    candidates = [Path(name), DS_CONFIGS_DIR / name, DS_CONFIGS_DIR / f"{name}.json"]
+    for path in candidates:
+        if path.is_file():
+            return path
+    shipped = ", ".join(sorted(p.stem for p in DS_CONFIGS_DIR.glob("*.json")))
+    raise UserError(f"distributed.config={name}: no such DeepSpeed JSON (shipped: {shipped}; or give a path)")
+
+
+def read_ds_config(name: str) -> dict:
+    path = find_ds_config(name)
+    try:
+        config = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise UserError(f"{path}:{err.lineno}: not valid JSON ({err.msg})") from None
+    if not isinstance(config.get("zero_optimization", {}).get("stage"), int):
+        raise UserError(f"{path}: zero_optimization.stage must be set (0-3)")
+    return config
+
+
+def zero_stage(config: dict) -> int:
+    return config["zero_optimization"]["stage"]
+
+
+def offloads_optimizer(config: dict) -> bool:
+    return config["zero_optimization"].get("offload_optimizer", {}).get("device", "none") not in ("none", None)
+
+
+def recipe_values(recipe, accumulation: int, precision: str) -> dict:
+    """What the recipe decides, under DeepSpeed's key names."""
+    t = recipe.train
+    return {
+        "train_micro_batch_size_per_gpu": t.micro_batch_size,
+        "gradient_accumulation_steps": accumulation,
+        "train_batch_size": t.global_batch_size,
+        "gradient_clipping": t.max_grad_norm or 0.0,
+        "bf16.enabled": precision == "bf16",
+        "fp16.enabled": precision == "fp16",
+    }
+
+
+def resolve(config: dict, recipe, accumulation: int, precision: str, source: str = "DeepSpeed config") -> dict:
+    """Fill "auto" from the recipe; refuse values that disagree with it."""
+    resolved = json.loads(json.dumps(config))
+    drift = []
+    for dotted, value in recipe_values(recipe, accumulation, precision).items():
+        node, key = resolved, dotted
+        if "." in dotted:
+            section, key = dotted.split(".")
+            node = resolved.setdefault(section, {})
+        current = node.get(key, "auto")
+        if current == "auto":
+            node[key] = value
+        elif current != value:
+            drift.append(f"{dotted}={current!r} (the recipe gives {value!r})")
+    if drift:
+        raise UserError(f"{source} hard-codes {', '.join(drift)}; set these to \"auto\" so the recipe "
+                        "stays the single source of truth")
+    return resolved

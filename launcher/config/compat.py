@@ -25,6 +25,23 @@ METRICS_BY_TASK = {
     "causal_lm": ("eval_loss", "perplexity"),
     "classification": ("eval_loss", "accuracy", "precision", "recall", "f1"),
 }
+# Method x distributed setup: the pairs that cannot work, why, and the nearest setup that does.
+# Every other pair is supported and exercised by tests/test_backends.py. Backends are named
+# ddp, fsdp, zero1, zero2, zero3 (the ZeRO stage of the DeepSpeed JSON).
+UNSUPPORTED_BACKENDS = {
+    ("qlora", "zero3"): "ZeRO-3 partitions every weight and bitsandbytes 4-bit weights cannot be partitioned; "
+                        "use distributed.config=zero2 (or zero2_offload), or distributed.backend=ddp",
+    ("qlora", "fsdp"): "FSDP2 cannot shard bitsandbytes 4-bit weights; use distributed.backend=deepspeed with "
+                       "distributed.config=zero2, or distributed.backend=ddp",
+}
+BACKEND_NAMES = ("ddp", "fsdp", "zero1", "zero2", "zero3")
+
+
+def backend_problem(method: str, backend_key: str) -> str | None:
+    reason = UNSUPPORTED_BACKENDS.get((method, backend_key))
+    return f"peft.method={method} does not run under {backend_key}: {reason}" if reason else None
+
+
 # Methods whose adapter can be folded into the base weights.
 MERGEABLE = ("lora", "qlora", "dora", "ia3")
 
@@ -83,6 +100,15 @@ def check_recipe(recipe: "Recipe") -> list[str]:
         )
 
     dist = recipe.distributed
+    if dist.backend == "deepspeed" and not dist.config:
+        problems.append("distributed.backend=deepspeed needs distributed.config (e.g. zero2, zero3, zero3_offload)")
+    if dist.config and dist.backend != "deepspeed":
+        problems.append(f"distributed.config={dist.config} is a DeepSpeed JSON but distributed.backend={dist.backend}; "
+                        "set distributed.backend=deepspeed or remove distributed.config")
+    if dist.backend == "fsdp":
+        problem = backend_problem(method, "fsdp")
+        if problem:
+            problems.append(problem)
     if dist.machine_rank >= dist.num_machines:
         problems.append(
             f"distributed.machine_rank={dist.machine_rank} must be below distributed.num_machines={dist.num_machines}"

@@ -21,5 +21,24 @@ def preflight(recipe: Recipe, recipe_name: str) -> None:
             call()
         except UserError as err:
             problems.append(str(err))
+    if recipe.distributed.backend == "deepspeed" and recipe.distributed.config:
+        try:
+            problems.extend(_deepspeed_problems(recipe))
+        except UserError as err:
+            problems.append(str(err))
     if problems:
         raise UserError("\n".join(problems))
+
+
+def _deepspeed_problems(recipe: Recipe) -> list[str]:
+    """The JSON exists, parses, leaves the recipe's values to the recipe, and suits the method."""
+    from launcher.config.compat import backend_problem
+    from launcher.distributed import deepspeed_config as ds
+
+    config = ds.read_ds_config(recipe.distributed.config)
+    precision = None if recipe.train.precision == "auto" else {"fp32": "no"}.get(recipe.train.precision,
+                                                                                   recipe.train.precision)
+    ds.resolve(config, recipe, recipe.gradient_accumulation_steps, precision,
+               source=str(ds.find_ds_config(recipe.distributed.config)))
+    problem = backend_problem(recipe.peft.method, f"zero{ds.zero_stage(config)}")
+    return [problem] if problem else []

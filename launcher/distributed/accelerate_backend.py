@@ -61,8 +61,8 @@ class AccelerateBackend:
             return lambda groups, lr, betas: DeepSpeedCPUAdam(groups, lr=lr, betas=betas, adamw_mode=True)
         return None
 
-    def prepare(self, accelerator, model, optimizer):
-        return accelerator.prepare(model, optimizer)
+    def prepare(self, accelerator, model, make_optimizer):
+        return accelerator.prepare(model, make_optimizer(model))
 
     def micro_step(self, accelerator, model, last: bool):
         return accelerator.accumulate(model)
@@ -86,13 +86,13 @@ class AccelerateBackend:
         """Every tensor whole (ZeRO-3 gathers them); called on all ranks, meaningful on the main one."""
         return accelerator.get_state_dict(model)
 
-    def save_state(self, accelerator, folder: str) -> None:
+    def save_state(self, accelerator, folder: str, model, optimizer, scheduler) -> None:
         if self.ds_config is not None:
             accelerator.save_state(folder, exclude_frozen_parameters=True)
         else:
             accelerator.save_state(folder)
 
-    def load_state(self, accelerator, folder: str) -> None:
+    def load_state(self, accelerator, folder: str, model, optimizer, scheduler) -> None:
         if self.ds_config is not None:
             accelerator.load_state(folder, load_module_strict=False)
         else:

@@ -44,20 +44,21 @@ def offloads_optimizer(config: dict) -> bool:
     return config["zero_optimization"].get("offload_optimizer", {}).get("device", "none") not in ("none", None)
 
 
-def recipe_values(recipe, accumulation: int, precision: str) -> dict:
-    """What the recipe decides, under DeepSpeed's key names."""
+def recipe_values(recipe, accumulation: int, precision: str | None) -> dict:
+    """What the recipe decides, under DeepSpeed's key names (precision None: not known yet, not checked)."""
     t = recipe.train
-    return {
+    values = {
         "train_micro_batch_size_per_gpu": t.micro_batch_size,
         "gradient_accumulation_steps": accumulation,
         "train_batch_size": t.global_batch_size,
         "gradient_clipping": t.max_grad_norm or 0.0,
-        "bf16.enabled": precision == "bf16",
-        "fp16.enabled": precision == "fp16",
     }
+    if precision is not None:
+        values.update({"bf16.enabled": precision == "bf16", "fp16.enabled": precision == "fp16"})
+    return values
 
 
-def resolve(config: dict, recipe, accumulation: int, precision: str, source: str = "DeepSpeed config") -> dict:
+def resolve(config: dict, recipe, accumulation: int, precision: str | None, source: str = "DeepSpeed config") -> dict:
     """Fill "auto" from the recipe; refuse values that disagree with it."""
     resolved = json.loads(json.dumps(config))
     drift = []

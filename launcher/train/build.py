@@ -98,6 +98,10 @@ def load_model(model_path: str, recipe: Recipe, label_names: list[str] | None, d
 
 
 def make_backend(recipe: Recipe, accumulation: int, precision: str):
+    if recipe.distributed.backend == "fsdp":
+        from launcher.distributed.fsdp_backend import FsdpBackend
+
+        return FsdpBackend(recipe, accumulation, precision)
     return AccelerateBackend(recipe, accumulation, precision)
 
 
@@ -171,11 +175,16 @@ def build_run(recipe: Recipe, recipe_name: str, command: list[str]) -> Run:
          f"accumulation {plan.accumulation} x world size {accelerator.num_processes}; "
          f"{len(data.train)} training examples, {total_steps} steps", is_main)
 
-    optimizer = build_optimizer(model, recipe.train, backend.optimizer_class())
-    scheduler = build_scheduler(optimizer, recipe.train, total_steps)
-    model, optimizer = backend.prepare(accelerator, model, optimizer)
+    made = []  # the raw optimizer: the schedule drives its param groups under every wrapper
+
+    def make_optimizer(prepared_model):
+        made.append(build_optimizer(prepared_model, recipe.train, backend.optimizer_class()))
+        return made[0]
+
+    model, optimizer = backend.prepare(accelerator, model, make_optimizer)
+    scheduler = build_scheduler(made[0], recipe.train, total_steps)
     accelerator.register_for_checkpointing(scheduler)
-    if backend.ds_config is None:
+    if recipe.distributed.backend == "ddp":
         install_trainable_only_hooks(accelerator, model_is_partial=trainable < total)
     _log(f"backend: {backend.name}", is_main)
 

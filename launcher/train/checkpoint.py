@@ -76,7 +76,8 @@ def install_trainable_only_hooks(accelerator, model_is_partial: bool) -> None:
     accelerator.register_load_state_pre_hook(load_hook)
 
 
-def save_checkpoint(accelerator, backend, run_dir: Path, step: int, trainer_state: dict, keep: int) -> Path:
+def save_checkpoint(run, step: int, trainer_state: dict, keep: int) -> Path:
+    accelerator, run_dir = run.accelerator, run.run_dir
     root = checkpoint_root(run_dir)
     final = root / f"step-{step:08d}"
     tmp = root / f"step-{step:08d}.tmp"
@@ -84,7 +85,7 @@ def save_checkpoint(accelerator, backend, run_dir: Path, step: int, trainer_stat
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     accelerator.wait_for_everyone()
-    backend.save_state(accelerator, str(tmp))
+    run.backend.save_state(accelerator, str(tmp), run.model, run.optimizer, run.scheduler)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         state_tmp = tmp / (STATE_FILE + ".tmp")

@@ -80,7 +80,7 @@ def _restore(run: Run, log: MetricsLog) -> dict:
         _log(how.get(run.recipe.train.resume, "starting fresh"), run.is_main)
         return state
     saved = check_resumable(checkpoint, run.recipe, run.accelerator.num_processes, run.backend.sharded_state)
-    run.backend.load_state(run.accelerator, str(checkpoint))
+    run.backend.load_state(run.accelerator, str(checkpoint), run.model, run.optimizer, run.scheduler)
     state.update({k: saved[k] for k in state if k in saved})
     log.truncate_after(state["step"])
     _log(f"resumed from {checkpoint} at step {state['step']} of {run.total_steps} "
@@ -91,7 +91,7 @@ def _restore(run: Run, log: MetricsLog) -> dict:
 def _checkpoint(run: Run, state: dict) -> Path:
     trainer_state = {**state, "world_size": run.accelerator.num_processes,
                      "recipe": run.recipe.model_dump(mode="json")}
-    return save_checkpoint(run.accelerator, run.backend, run.run_dir, state["step"], trainer_state,
+    return save_checkpoint(run, state["step"], trainer_state,
                            keep=run.recipe.train.keep_checkpoints)
 
 

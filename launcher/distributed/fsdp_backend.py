@@ -1,0 +1,148 @@
+"""FSDP2 (`torch.distributed.fsdp.fully_shard`) used directly, on GPU and CPU alike.
+
+Why not accelerate's FSDP plugin: it switches to FSDP only on GPUs; on a CPU machine the same
+launch config silently trains plain DDP, so nothing here could test it. torch's FSDP2 itself runs
+on CPU with gloo, so we wrap with it ourselves: each transformer block is one FSDP unit, then the
+root. Parameters become DTensors sharded over the mesh; frozen and trainable parameters may share
+a unit (FSDP2 shards per parameter), which is what adapters need.
+
+Checkpoints use torch.distributed.checkpoint: every rank writes its shards, and loading reshards,
+so a run may resume at a different world size. Artifacts are saved from a gathered full state
+dict, never from a rank's shard.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import random
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from launcher.methods.common import transformer_layers
+
+
+class FsdpBackend:
+    sharded_state = False  # DCP reshards on load: any world size may resume
+    params_sharded = True
+    ds_config = None
+
+    def __init__(self, recipe, accumulation: int, precision: str):
+        self.recipe = recipe
+        self.accumulation = accumulation
+        self.precision = precision
+        self.sharding = recipe.distributed.fsdp_sharding
+        self.cpu_offload = recipe.distributed.fsdp_cpu_offload
+
+    @property
+    def name(self) -> str:
+        return f"fsdp2 {self.sharding}" + (" + cpu offload" if self.cpu_offload else "")
+
+    def accelerator_kwargs(self) -> dict:
+        return {}
+
+    def optimizer_class(self):
+        return None
+
+    def _mesh(self, accelerator):
+        from torch.distributed.device_mesh import init_device_mesh
+
+        device_type = accelerator.device.type
+        dist = self.recipe.distributed
+        if self.sharding == "hybrid_shard":
+            # Replicate across machines, shard within one: all-gathers stay on the fast local links.
+            return init_device_mesh(device_type, (dist.num_machines, dist.num_processes),
+                                    mesh_dim_names=("replicate", "shard"))
+        return init_device_mesh(device_type, (accelerator.num_processes,))
+
+    def prepare(self, accelerator, model, make_optimizer):
+        from torch.distributed.fsdp import (
+            CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method,
+        )
+
+        model.to(accelerator.device)
+        options = {
+            "mesh": self._mesh(accelerator),
+            # shard_grad_op keeps parameters gathered from forward to backward: less traffic, more memory.
+            "reshard_after_forward": self.sharding != "shard_grad_op",
+        }
+        if self.cpu_offload:
+            options["offload_policy"] = CPUOffloadPolicy(pin_memory=False)
+        if self.precision == "bf16":
+            options["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+        for block in transformer_layers(model):
+            fully_shard(block, **options)
+        fully_shard(model, **options)
+        if hasattr(model, "generate"):
+            # generate() bypasses the root's forward, and with it the hook that gathers the root's own
+            # parameters (embeddings, head): register it as a forward method.
+            register_fsdp_forward_method(model, "generate")
+        optimizer = make_optimizer(model)  # after sharding: the optimizer must see the DTensor shards
+        return model, optimizer
+
+    def micro_step(self, accelerator, model, last: bool):
+        # Reduce-scatter gradients only after the last micro batch of the step.
+        model.set_requires_gradient_sync(last)
+        return contextlib.nullcontext()
+
+    def backward(self, accelerator, loss: torch.Tensor) -> None:
+        loss.backward()
+
+    def clip_gradients(self, accelerator, model, max_norm: float | None):
+        if not max_norm:
+            return None
+        norm = torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], max_norm)
+        return norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+
+    def grad_norm_after_step(self, accelerator, clipped):
+        return clipped
+
+    def full_state_dict(self, accelerator, model) -> dict:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        # A collective: every rank sends its shards; with cpu_offload only rank 0 keeps the result.
+        return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+    def save_state(self, accelerator, folder: str, model, optimizer, scheduler) -> None:
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import get_state_dict
+
+        model_state, optim_state = get_state_dict(model, optimizer)
+        trainable = {name for name, p in model.named_parameters() if p.requires_grad}
+        model_state = {k: v for k, v in model_state.items() if k in trainable}  # the frozen base is the input model
+        dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=folder)
+        if accelerator.is_main_process:
+            torch.save(scheduler.state_dict(), Path(folder) / "scheduler.pt")
+        torch.save(_rng_state(), Path(folder) / f"rng_rank{accelerator.process_index}.pt")
+
+    def load_state(self, accelerator, folder: str, model, optimizer, scheduler) -> None:
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
+
+        model_state, optim_state = get_state_dict(model, optimizer)
+        trainable = {name for name, p in model.named_parameters() if p.requires_grad}
+        model_state = {k: v for k, v in model_state.items() if k in trainable}
+        state = {"model": model_state, "optim": optim_state}
+        dcp.load(state, checkpoint_id=folder)
+        set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"],
+                       options=StateDictOptions(strict=False))
+        scheduler.load_state_dict(torch.load(Path(folder) / "scheduler.pt", weights_only=False))
+        rng_file = Path(folder) / f"rng_rank{accelerator.process_index}.pt"
+        if rng_file.exists():  # absent when resuming with more ranks than wrote the checkpoint
+            _set_rng_state(torch.load(rng_file, weights_only=False))
+
+    def resolved_config(self) -> dict:
+        return {"backend": self.name, "fsdp": {"sharding": self.sharding, "cpu_offload": self.cpu_offload,
+                                               "reshard_after_forward": self.sharding != "shard_grad_op",
+                                               "units": "each transformer block, then the root"}}
+
+
+def _rng_state() -> dict:
+    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+
+
+def _set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])

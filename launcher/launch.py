@@ -31,7 +31,9 @@ def accelerate_command(recipe, words: list[str], *, has_gpu: bool, cpu_count: in
     ]
     env: dict[str, str] = {}
     if not has_gpu:
-        env["ACCELERATE_USE_CPU"] = "1"
+        if dist.backend != "deepspeed":
+            # For DeepSpeed this flag would silently turn DeepSpeed off; it finds the CPU by itself.
+            env["ACCELERATE_USE_CPU"] = "1"
         # Oversubscribed CPU threads make every process several times slower.
         cores = cpu_count or os.cpu_count() or 1
         env.setdefault("OMP_NUM_THREADS", str(max(1, cores // dist.num_processes)))

@@ -61,6 +61,8 @@ class FsdpBackend:
             CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method,
         )
 
+        if not torch.distributed.is_initialized():
+            _single_process_group(accelerator)
         model.to(accelerator.device)
         options = {
             "mesh": self._mesh(accelerator),
@@ -136,6 +138,17 @@ class FsdpBackend:
         return {"backend": self.name, "fsdp": {"sharding": self.sharding, "cpu_offload": self.cpu_offload,
                                                "reshard_after_forward": self.sharding != "shard_grad_op",
                                                "units": "each transformer block, then the root"}}
+
+
+def _single_process_group(accelerator) -> None:
+    """FSDP needs a process group even for one process (a one-rank run resuming a sharded checkpoint)."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    backend = "gloo" if accelerator.device.type == "cpu" else "nccl"
+    torch.distributed.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
 
 
 def _rng_state() -> dict:

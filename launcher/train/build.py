@@ -105,6 +105,16 @@ def make_backend(recipe: Recipe, accumulation: int, precision: str):
     return AccelerateBackend(recipe, accumulation, precision)
 
 
+def _single_process_rendezvous() -> None:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    os.environ.update({"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1",
+                       "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
+
+
 def _seed_everything(seed: int) -> None:
     from transformers import set_seed
 
@@ -129,8 +139,14 @@ def build_run(recipe: Recipe, recipe_name: str, command: list[str]) -> Run:
     use_cpu = not torch.cuda.is_available()
     precision = mixed_precision(recipe.train.precision)
     backend = make_backend(recipe, recipe.gradient_accumulation_steps, precision)
+    if backend.ds_config is not None:
+        # ACCELERATE_USE_CPU silently turns DeepSpeed off (plain DDP trains instead); DeepSpeed finds
+        # the CPU by itself.
+        os.environ.pop("ACCELERATE_USE_CPU", None)
+        if "WORLD_SIZE" not in os.environ:
+            _single_process_rendezvous()  # else DeepSpeed looks for MPI to find its (one) peer
     handlers = []
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 or backend.ds_config is not None:
         # gloo must be named on CPU: without it accelerate picks a backend DeepSpeed and FSDP reject.
         handlers.append(InitProcessGroupKwargs(
             backend="gloo" if use_cpu else "nccl", timeout=timedelta(minutes=recipe.distributed.timeout_minutes)
@@ -140,6 +156,9 @@ def build_run(recipe: Recipe, recipe_name: str, command: list[str]) -> Run:
         cpu=use_cpu and backend.ds_config is None, mixed_precision=precision, kwargs_handlers=handlers,
         **backend.accelerator_kwargs(),
     )
+    if backend.ds_config is not None and accelerator.distributed_type.value != "DEEPSPEED":
+        raise RuntimeError(f"accelerate set up {accelerator.distributed_type.value}, not DeepSpeed: refusing to train "
+                           "with a different backend than the recipe names")
     if accelerator.num_processes != recipe.distributed.world_size:
         raise UserError(
             f"this run has {accelerator.num_processes} processes but the recipe says "

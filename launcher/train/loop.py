@@ -316,13 +316,14 @@ def release(run: Run) -> None:
     """Tear down the process group and accelerate's process-wide state (so a process can run again)."""
     from accelerate.state import AcceleratorState, GradientState
 
-    run.accelerator.end_training()
-    # Drop the DDP wrapper (its reducer owns a reference to the process group) before the group
-    # goes: destroyed afterwards, gloo's destructor waits forever for peers that already exited.
+    # Drop the DDP wrapper (its reducer owns a reference to the process group) and DeepSpeed's engine
+    # while the group still exists: destroyed afterwards, gloo's destructor waits forever for peers
+    # that already exited, and DeepSpeed's teardown needs the group.
     run.model = run.accelerator.unwrap_model(run.model)
     run.optimizer = None
     run.accelerator.free_memory()
     gc.collect()
+    run.accelerator.end_training()
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         # Destroying the group explicitly avoids rare aborts at interpreter exit.
         torch.distributed.destroy_process_group()

@@ -1,0 +1,132 @@
+"""Every backend for real at world size 2 on CPU: the same global batch trains the same model
+whatever the split and the backend; sharded backends really shard; saves hold whole tensors."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tests.helpers import QUICK, read_jsonl, run_in_process
+from tests.test_distributed import free_port
+
+ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow
+
+BACKENDS = {
+    "ddp": [],
+    "zero1": ["distributed.backend=deepspeed", "distributed.config=zero1"],
+    "zero2": ["distributed.backend=deepspeed", "distributed.config=zero2"],
+    "zero3": ["distributed.backend=deepspeed", "distributed.config=zero3"],
+    "fsdp": ["distributed.backend=fsdp"],
+}
+# Global batch 4 everywhere; dropout off so that runs can agree to rounding.
+SAME = ["peft.dropout=0", "train.max_steps=3", "eval.every_steps=3", "eval.at_start=false",
+        "train.global_batch_size=4", "eval.sample_prompts=[]"]
+
+
+def launch(out: Path, recipe: str, model: Path, *words: str, processes: int = 2) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    argv = [sys.executable, "-m", "launcher.cli", "run", f"recipe={recipe}", f"model.name={model}", f"output.dir={out}",
+            *QUICK, *words, f"distributed.num_processes={processes}", f"distributed.main_process_port={free_port()}"]
+    done = subprocess.run(argv, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
+    return done
+
+
+def ranks(run_dir: Path) -> list[dict]:
+    return [json.loads(p.read_text()) for p in sorted((run_dir / "ranks").glob("rank*.json"))]
+
+
+def losses(run_dir: Path) -> list[float]:
+    return [r["loss"] for r in read_jsonl(run_dir / "metrics.jsonl") if "loss" in r]
+
+
+def assert_same_adapter(a: Path, b: Path) -> None:
+    x, y = (load_file(str(d / "final" / "adapter_model.safetensors")) for d in (a, b))
+    assert x.keys() == y.keys() and x
+    for key in x:
+        torch.testing.assert_close(y[key], x[key], atol=1e-5, rtol=1e-4)
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_llama, tmp_path_factory):
+    """micro 4 x accumulation 1 x world 1, in this process."""
+    out = tmp_path_factory.mktemp("reference") / "run"
+    run_in_process("lora", tiny_llama, out, *SAME, "train.micro_batch_size=4")
+    return out
+
+
+def test_split_2x2x1_matches_4x1x1(reference, tiny_llama, tmp_path):
+    run_in_process("lora", tiny_llama, tmp_path / "run", *SAME, "train.micro_batch_size=2")
+    assert losses(tmp_path / "run") == pytest.approx(losses(reference), rel=1e-5)
+    assert_same_adapter(reference, tmp_path / "run")
+
+
+@pytest.mark.parametrize("backend", list(BACKENDS))
+def test_split_1x2x2_under_each_backend_matches(backend, reference, tiny_llama, tmp_path):
+    run_dir = tmp_path / "run"
+    launch(run_dir, "lora", tiny_llama, *SAME, "train.micro_batch_size=1", *BACKENDS[backend])
+    assert losses(run_dir) == pytest.approx(losses(reference), rel=1e-5)
+    assert_same_adapter(reference, run_dir)  # whole tensors: never empty, never one rank's shard
+    records = ranks(run_dir)
+    assert [r["world_size"] for r in records] == [2, 2]
+    assert not {i for mb in records[0]["first_micro_batches"] for i in mb} & {
+        i for mb in records[1]["first_micro_batches"] for i in mb}
+    held = [r["local_param_elements"] / r["total_param_elements"] for r in records]
+    if backend in ("zero3", "fsdp"):
+        assert all(0.45 < share < 0.55 for share in held), held  # each rank holds half the model
+    else:
+        assert held == [1.0, 1.0]
+    written = json.loads((run_dir / "distributed.json").read_text())
+    assert written["world_size"] == 2 and written["gradient_accumulation_steps"] == 2
+    if backend.startswith("zero"):
+        assert written["deepspeed"]["train_micro_batch_size_per_gpu"] == 1
+        assert written["deepspeed"]["gradient_accumulation_steps"] == 2
+        assert written["deepspeed"]["zero_optimization"]["stage"] == int(backend[-1])
+
+
+METHOD_WORDS = {
+    "dora": ("dora", []), "ia3": ("ia3", []), "prompt_tuning": ("prompt_tuning", []),
+    "prefix_tuning": ("prefix_tuning", []), "full": ("full", []), "partial_freeze": ("partial_freeze", []),
+    "classify_lora": ("classify_lora", ["train.micro_batch_size=8"]),
+    "classify_head": ("classify_head", ["train.micro_batch_size=8"]),
+}
+
+
+@pytest.mark.parametrize("sharding", ["zero3", "fsdp"])
+@pytest.mark.parametrize("method", list(METHOD_WORDS))
+def test_every_method_runs_sharded(method, sharding, tiny_llama, tiny_bert, tmp_path):
+    recipe, words = METHOD_WORDS[method]
+    model = tiny_bert if recipe.startswith("classify") else tiny_llama
+    run_dir = tmp_path / "run"
+    launch(run_dir, recipe, model, "eval.every_steps=null", "train.max_steps=2", *words, *BACKENDS[sharding])
+    summary = json.loads((run_dir / "metrics.json").read_text())
+    assert summary["steps"] == 2 and summary["train_loss"] == summary["train_loss"]
+    assert any((run_dir / "final").glob("*.safetensors"))
+    assert records_sharded(run_dir)
+
+
+def records_sharded(run_dir: Path) -> bool:
+    return all(r["local_param_elements"] < r["total_param_elements"] for r in ranks(run_dir))
+
+
+def test_qlora_under_zero2(tiny_llama, tmp_path):
+    launch(tmp_path / "run", "qlora", tiny_llama, "eval.every_steps=null", "train.max_steps=2", *BACKENDS["zero2"])
+    assert (tmp_path / "run" / "final" / "adapter_model.safetensors").exists()
+
+
+@pytest.mark.parametrize("words", [
+    ["distributed.backend=deepspeed", "distributed.config=zero2_offload"],
+    ["distributed.backend=deepspeed", "distributed.config=zero3_offload"],
+    ["distributed.backend=fsdp", "distributed.fsdp_cpu_offload=true"],
+    ["distributed.backend=fsdp", "distributed.fsdp_sharding=shard_grad_op"],
+], ids=["zero2_offload", "zero3_offload", "fsdp_offload", "fsdp_shard_grad_op"])
+def test_offload_and_sharding_variants_match(words, reference, tiny_llama, tmp_path):
+    launch(tmp_path / "run", "lora", tiny_llama, *SAME, "train.micro_batch_size=2", *words)
+    assert losses(tmp_path / "run") == pytest.approx(losses(reference), rel=1e-4)
+    assert_same_adapter(reference, tmp_path / "run")

@@ -95,6 +95,9 @@ def run_workers(argv: list[str], env: dict[str, str]) -> int:
         status = status_file.read_text().strip() if status_file.exists() else ""
     if status == "preempted":
         return PREEMPTED_EXIT_CODE
+    if code not in (0, 2):  # 2: a UserError, already explained by the main worker
+        print(f"error: a worker process failed (exit status {code}) and the whole run was stopped; "
+              "the launcher's 'Root Cause' report above names the rank and the reason", file=sys.stderr)
     return code
 
 

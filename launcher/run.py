@@ -31,6 +31,15 @@ def launched_world_overrides() -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if "TORCHELASTIC_RUN_ID" in os.environ:
+        # Under torchrun, record() puts a failing rank's exception into the launcher's root-cause report.
+        from torch.distributed.elastic.multiprocessing.errors import record
+
+        return record(_main)(argv)
+    return _main(argv)
+
+
+def _main(argv: list[str]) -> int:
     try:
         from launcher.config.load import load_recipe
         from launcher.config.preflight import preflight

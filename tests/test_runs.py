@@ -11,7 +11,10 @@ from launcher.config.load import load_recipe
 from tests.helpers import first_eval_batch, read_jsonl, run_in_process, tiny_for
 
 ROOT = Path(__file__).resolve().parents[1]
-RECIPES = sorted(p.stem for p in (ROOT / "recipes").rglob("*.yaml"))
+ALL_RECIPES = sorted(p.stem for p in (ROOT / "recipes").rglob("*.yaml"))
+# Recipes for one process run here, in this process; those for several are launched for real.
+RECIPES = [r for r in ALL_RECIPES if load_recipe([f"recipe={r}"])[1].distributed.world_size == 1]
+MULTI_PROCESS_RECIPES = [r for r in ALL_RECIPES if r not in RECIPES]
 
 
 def reload_artifact(run, folder: Path, base_path: Path):
@@ -106,3 +109,23 @@ def test_every_classification_method_in_the_support_table_runs(overrides, tiny_b
     run, result = run_in_process("classify_lora", tiny_bert, tmp_path / "run", *overrides)
     assert result["eval_final"]["eval_f1"] >= 0 and (tmp_path / "run" / "final").is_dir()
     assert any("classifier" in name for name, p in run.model.named_parameters() if p.requires_grad)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("recipe_name", MULTI_PROCESS_RECIPES)
+def test_multi_process_recipe_end_to_end(recipe_name, tiny_llama, tiny_bert, tmp_path):
+    """Launched as shipped (its backend, two processes); saves what one DDP process saves."""
+    from tests.test_backends import assert_same_artifact, launch, ranks
+
+    model_path = tiny_for(recipe_name, tiny_llama, tiny_bert)
+    _, shipped = load_recipe([f"recipe={recipe_name}"])
+    quick = ["eval.sample_prompts=[]", "peft.dropout=0"] if shipped.peft.method in ("lora", "dora") else [
+        "eval.sample_prompts=[]"]
+    launch(tmp_path / "run", recipe_name, model_path, *quick,
+           f"distributed.num_processes={shipped.distributed.num_processes}")
+    for name in ("recipe.yaml", "metrics.jsonl", "metrics.json", "distributed.json", "loss_curves.png", "final"):
+        assert (tmp_path / "run" / name).exists(), name
+    assert all(r["local_param_elements"] < r["total_param_elements"] for r in ranks(tmp_path / "run"))
+    run_in_process(recipe_name, model_path, tmp_path / "one", *quick, "distributed.backend=ddp",
+                   "distributed.config=null", "distributed.num_processes=1")
+    assert_same_artifact(tmp_path / "run", tmp_path / "one")

@@ -59,7 +59,9 @@ def build_tiny_bert(out: Path, project_root: Path) -> Path:
                                    sep_token="[SEP]", mask_token="[MASK]")
     fast.save_pretrained(out)
     torch.manual_seed(0)
+    # No dropout: runs that must agree across backends and world sizes draw different random masks.
     config = BertConfig(vocab_size=len(fast), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                        num_attention_heads=4, max_position_embeddings=128)
+                        num_attention_heads=4, max_position_embeddings=128, hidden_dropout_prob=0.0,
+                        attention_probs_dropout_prob=0.0)
     BertModel(config).save_pretrained(out)
     return out

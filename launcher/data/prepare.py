@@ -8,23 +8,26 @@ format settings and this module's FORMAT_VERSION: change any of them and the dat
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from launcher.cache import build_once, cache_root, digest
-from launcher.data.formats import tokenize_rows, uses_chat_template
+from launcher.data.formats import tokenize_rows
 from launcher.data.rows import check_rows, load_rows, resolve_data_path
 from launcher.errors import UserError
+
+if TYPE_CHECKING:
+    import datasets
 
 FORMAT_VERSION = 1
 
 
 @dataclass
 class PreparedData:
-    train: "datasets.Dataset"  # noqa: F821 - columns input_ids, labels
-    eval: "datasets.Dataset | None"  # noqa: F821
+    train: datasets.Dataset  # columns input_ids, labels
+    eval: datasets.Dataset | None
     label_names: list[str] | None  # classification only, in id order
 
 
@@ -140,9 +143,3 @@ def prepare_data(recipe, tokenizer, *, quiet: bool = False) -> PreparedData:
         raise UserError("no training example is left after tokenization (prompts longer than data.max_seq_len?)")
     return PreparedData(train=train, eval=evaluation, label_names=label_names)
 
-
-def is_local_main() -> bool:
-    return int(os.environ.get("LOCAL_RANK", "0")) == 0
-
-
-__all__ = ["PreparedData", "prepare_data", "is_local_main", "uses_chat_template"]

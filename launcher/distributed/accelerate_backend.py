@@ -9,6 +9,8 @@ we multiply it back.
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 from launcher.distributed import deepspeed_config
@@ -85,6 +87,15 @@ class AccelerateBackend:
     def full_state_dict(self, accelerator, model) -> dict:
         """Every tensor whole (ZeRO-3 gathers them); called on all ranks, meaningful on the main one."""
         return accelerator.get_state_dict(model)
+
+    def whole_parameters(self, accelerator, model):
+        """Context in which every rank holds whole trainable parameters (ZeRO-3 gathers them), so the
+        main process alone may run code that reads them (peft computes prompt embeddings to save)."""
+        if self.zero_stage != 3:
+            return contextlib.nullcontext()
+        import deepspeed
+
+        return deepspeed.zero.GatheredParameters([p for p in model.parameters() if p.requires_grad])
 
     def save_state(self, accelerator, folder: str, model, optimizer, scheduler) -> None:
         if self.ds_config is not None:

@@ -106,6 +106,16 @@ class FsdpBackend:
         # A collective: every rank sends its shards; with cpu_offload only rank 0 keeps the result.
         return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
+    @contextlib.contextmanager
+    def whole_parameters(self, accelerator, model):
+        """Every rank unshards the root (and with it the adapter parameters that live there), so the
+        main process alone may run code that reads them."""
+        model.unshard()
+        try:
+            yield
+        finally:
+            model.reshard()
+
     def save_state(self, accelerator, folder: str, model, optimizer, scheduler) -> None:
         import torch.distributed.checkpoint as dcp
         from torch.distributed.checkpoint.state_dict import get_state_dict

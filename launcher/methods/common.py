@@ -99,7 +99,8 @@ def parameter_counts(model: nn.Module) -> tuple[int, int]:
         return model.get_nb_trainable_parameters()
     trainable = total = 0
     for param in model.parameters():
-        n = param.numel()
+        # Under ZeRO-3 the model is partitioned while it loads: the local tensor is empty.
+        n = getattr(param, "ds_numel", None) or param.numel()
         if param.__class__.__name__ == "Params4bit":
             n *= 2
         total += n

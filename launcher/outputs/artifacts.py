@@ -23,6 +23,14 @@ def expected_tensors(model, state_dict: dict | None = None) -> dict[str, tuple]:
     return {k: tuple(v.shape) for k, v in (state_dict if state_dict is not None else model.state_dict()).items()}
 
 
+def _modern_name(key: str) -> str:
+    """transformers may write BERT-era LayerNorm names (gamma/beta) for weight/bias, and reads both."""
+    for legacy, modern in ((".gamma", ".weight"), (".beta", ".bias")):
+        if key.endswith(legacy) and "LayerNorm" in key:
+            return key[: -len(legacy)] + modern
+    return key
+
+
 def verify_artifact(folder: Path, expected: dict[str, tuple], is_adapter: bool) -> None:
     from safetensors import safe_open
 
@@ -34,6 +42,7 @@ def verify_artifact(folder: Path, expected: dict[str, tuple], is_adapter: bool) 
         with safe_open(str(file), framework="pt") as f:
             for key in f.keys():
                 saved[key] = tuple(f.get_slice(key).get_shape())
+    saved = {_modern_name(k): shape for k, shape in saved.items()}
     empty = [k for k, shape in saved.items() if 0 in shape]
     wrong = [k for k, shape in saved.items() if k in expected and expected[k] != shape]
     unknown = [k for k in saved if k not in expected]
@@ -46,18 +55,50 @@ def verify_artifact(folder: Path, expected: dict[str, tuple], is_adapter: bool) 
         raise RuntimeError(f"save check failed for {folder}: {detail}")
 
 
-def save_artifact(model, tokenizer, folder: Path, state_dict: dict | None = None) -> None:
+def computes_on_save(model) -> bool:
+    """peft saves prompt-learning adapters by running the prompt encoder (a forward pass)."""
+    configs = getattr(model, "peft_config", {})
+    return any(getattr(c, "is_prompt_learning", False) for c in configs.values())
+
+
+def _without_tied_aliases(model, state_dict: dict | None) -> dict | None:
+    """A gathered state dict holds tied weights (input/output embedding) as separate copies, which
+    transformers then saves twice; keep the first name of each shared parameter, as it does."""
+    if state_dict is None:
+        return None
+    first_name: dict[int, str] = {}
+    aliases = set()
+    for name, param in model.named_parameters(remove_duplicate=False):
+        if id(param) in first_name:
+            aliases.add(name)
+        else:
+            first_name[id(param)] = name
+    return {k: v for k, v in state_dict.items() if k not in aliases}
+
+
+def save_artifact(model, tokenizer, folder: Path, state_dict: dict | None = None, is_main: bool = True) -> None:
     """Write `model` (unwrapped) and its tokenizer to `folder`, atomically, then verify the files.
 
     `state_dict` holds whole tensors where the live parameters are shards (ZeRO-3, FSDP): saving
-    the live, partitioned parameters is how peers end up with empty adapters.
+    the live, partitioned parameters is how peers end up with empty adapters. Call on every rank:
+    where peft runs the model to save (prompt learning), that forward is a collective when
+    parameters are sharded; only the main process writes.
     """
+    if not is_main and not computes_on_save(model):
+        return
     is_adapter = hasattr(model, "peft_config")
     tmp = folder.with_name(folder.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(str(tmp), state_dict=state_dict)
+    if is_main:
+        shutil.rmtree(tmp, ignore_errors=True)
+    if is_adapter:
+        model.save_pretrained(str(tmp), state_dict=state_dict, is_main_process=is_main)
+    else:
+        model.save_pretrained(str(tmp), state_dict=_without_tied_aliases(model, state_dict))
+    expected = expected_tensors(model, state_dict)  # may run the prompt encoder too: on every rank
+    if not is_main:
+        return
     tokenizer.save_pretrained(str(tmp))
-    verify_artifact(tmp, expected_tensors(model, state_dict), is_adapter)
+    verify_artifact(tmp, expected, is_adapter)
     load_check(tmp, is_adapter)
     shutil.rmtree(folder, ignore_errors=True)
     tmp.rename(folder)

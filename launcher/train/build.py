@@ -15,6 +15,7 @@ import sys
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -30,11 +31,16 @@ from launcher.outputs.run_dir import check_free, render_dir, write_json, write_r
 from launcher.train.checkpoint import complete_checkpoints, find_resume_point, install_trainable_only_hooks
 from launcher.train.optim import build_optimizer, build_scheduler
 
+if TYPE_CHECKING:
+    import accelerate
+
+    from launcher.distributed.fsdp_backend import FsdpBackend
+
 
 @dataclass
 class Run:
     recipe: Recipe
-    accelerator: "accelerate.Accelerator"  # noqa: F821
+    accelerator: accelerate.Accelerator
     model: torch.nn.Module  # prepared (possibly DDP-wrapped)
     tokenizer: object
     optimizer: torch.optim.Optimizer
@@ -45,7 +51,7 @@ class Run:
     run_dir: Path
     trainable_params: int
     total_params: int
-    backend: object = None  # launcher.distributed: how to step, gather and checkpoint
+    backend: AccelerateBackend | FsdpBackend | None = None  # how to step, gather and checkpoint
     resume_from: Path | None = None  # the checkpoint train.resume resolved to
 
     @property
@@ -131,7 +137,6 @@ def build_run(recipe: Recipe, recipe_name: str, command: list[str]) -> Run:
     from accelerate.utils import InitProcessGroupKwargs
 
     local_main = int(os.environ.get("LOCAL_RANK", "0")) == 0
-    global_main = int(os.environ.get("RANK", "0")) == 0
     model_path = materialize(recipe.model.name)
     tokenizer = load_tokenizer(model_path, recipe)
     data = prepare_data(recipe, tokenizer, quiet=not local_main)
@@ -212,6 +217,8 @@ def build_run(recipe: Recipe, recipe_name: str, command: list[str]) -> Run:
         write_json(run_dir / "distributed.json", {
             "world_size": accelerator.num_processes, "num_machines": recipe.distributed.num_machines,
             "gradient_accumulation_steps": plan.accumulation, "mixed_precision": precision,
+            "accelerate": {"distributed_type": accelerator.distributed_type.value, "device": str(accelerator.device),
+                           "collective_timeout_minutes": recipe.distributed.timeout_minutes},
             **backend.resolved_config(),
         })
     return Run(recipe=recipe, accelerator=accelerator, model=model, tokenizer=tokenizer, optimizer=optimizer,

@@ -10,7 +10,6 @@ mean-per-micro-batch would break whenever micro batches hold different numbers o
 
 from __future__ import annotations
 
-import contextlib
 import gc
 import hashlib
 import json
@@ -56,12 +55,13 @@ def _save(run: Run, name: str) -> dict:
     """Save the artifact from whole tensors (gathered from every rank where sharded); return them."""
     run.accelerator.wait_for_everyone()
     full_state = run.backend.full_state_dict(run.accelerator, run.model)
-    if run.is_main:
-        folder = run.run_dir / name
-        save_artifact(run.accelerator.unwrap_model(run.model), run.tokenizer, folder, state_dict=full_state)
-        if run.data.label_names:
+    folder = run.run_dir / name
+    with run.backend.whole_parameters(run.accelerator, run.model):
+        save_artifact(run.accelerator.unwrap_model(run.model), run.tokenizer, folder, state_dict=full_state,
+                      is_main=run.is_main)
+        if run.is_main and run.data.label_names:
             (folder / "labels.json").write_text(json.dumps(run.data.label_names))
-    run.accelerator.wait_for_everyone()
+        run.accelerator.wait_for_everyone()
     return full_state
 
 
@@ -217,7 +217,7 @@ def train_steps(run: Run) -> dict:
         "train_loss": train_loss, "runtime_s": elapsed, "tokens_per_s": state["tokens_done"] / max(elapsed, 1e-9),
         "trainable_params": run.trainable_params, "total_params": run.total_params,
         "world_size": acc.num_processes, "global_batch_size": recipe.train.global_batch_size,
-        "gradient_accumulation_steps": plan.accumulation,
+        "gradient_accumulation_steps": plan.accumulation, "peak_memory_mb": _peak_memory_mb(),
         "best": ({"metric": metric_key, "value": state["best_value"], "step": state["best_step"]}
                  if state["best_step"] else None),
         **summary, "samples": samples,
@@ -275,6 +275,15 @@ def _write_rank_summary(run: Run, steps: int, full_state: dict) -> None:
     checksums = gather_object([checksum]) if run.accelerator.num_processes > 1 else [checksum]
     if len(set(checksums)) != 1:
         raise RuntimeError(f"ranks ended with different weights (checksums {checksums}): data-parallel sync is broken")
+
+
+def _peak_memory_mb() -> float:
+    """Peak accelerator memory of this process, or its peak resident host memory on CPU."""
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**20
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
 def _local_elements(model) -> int:

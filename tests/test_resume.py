@@ -46,7 +46,7 @@ def crash_after(run_dir: Path, step: int) -> None:
     for ckpt in complete_checkpoints(run_dir):
         if int(ckpt.name.removeprefix("step-")) > step:
             shutil.rmtree(ckpt)
-    (run_dir / "checkpoints" / f"step-{step + 1:08d}.tmp").mkdir()
+    (run_dir / "checkpoints" / f"step-{step + 1:08d}.tmp").mkdir(exist_ok=True)
     (run_dir / "metrics.json").unlink()
 
 

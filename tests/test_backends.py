@@ -93,7 +93,8 @@ def test_split_1x2x2_under_each_backend_matches(backend, reference, tiny_llama, 
 METHOD_WORDS = {
     "dora": ("dora", ["peft.dropout=0"]), "ia3": ("ia3", []), "prompt_tuning": ("prompt_tuning", []),
     "prefix_tuning": ("prefix_tuning", []), "full": ("full", []), "partial_freeze": ("partial_freeze", []),
-    "classify_lora": ("classify_lora", ["train.micro_batch_size=8", "peft.dropout=0", "eval.early_stopping_patience=null"]),
+    "classify_lora": ("classify_lora", ["train.micro_batch_size=8", "peft.dropout=0",
+                                        "eval.early_stopping_patience=null"]),
     "classify_head": ("classify_head", ["train.micro_batch_size=8", "eval.early_stopping_patience=null"]),
 }
 
@@ -132,9 +133,11 @@ def assert_same_artifact(a: Path, b: Path) -> None:
         torch.testing.assert_close(x[key], y[key], atol=1e-5, rtol=1e-4)
 
 
-def test_qlora_under_zero2(tiny_llama, tmp_path):
-    launch(tmp_path / "run", "qlora", tiny_llama, "eval.every_steps=null", "train.max_steps=2", *BACKENDS["zero2"])
-    assert (tmp_path / "run" / "final" / "adapter_model.safetensors").exists()
+@pytest.mark.parametrize("backend", ["ddp", "zero2"])
+def test_qlora_where_4bit_weights_are_supported(backend, tiny_llama, tmp_path):
+    launch(tmp_path / "run", "qlora", tiny_llama, "eval.every_steps=null", "train.max_steps=2", *BACKENDS[backend])
+    saved = load_file(str(tmp_path / "run" / "final" / "adapter_model.safetensors"))
+    assert saved and all("lora_" in k for k in saved)
 
 
 @pytest.mark.parametrize("words", [

@@ -59,9 +59,10 @@ def test_a_dead_rank_stops_the_run_within_a_minute(tiny_llama, tmp_path):
     assert "a worker process failed" in output
 
 
-def test_zero3_resume_is_exact_and_needs_the_same_world_size(tiny_llama, tmp_path):
+@pytest.mark.parametrize("stage", ["zero1", "zero2", "zero3"])
+def test_zero_resume_is_exact_and_needs_the_same_world_size(stage, tiny_llama, tmp_path):
     words = [*SAME, "train.micro_batch_size=1", "train.max_steps=4", "train.checkpoint_every=2",
-             "train.keep_checkpoints=5", *BACKENDS["zero3"]]
+             "train.keep_checkpoints=5", *BACKENDS[stage]]
     launch(tmp_path / "straight", "lora", tiny_llama, *words)
     launch(tmp_path / "resumed", "lora", tiny_llama, *words)
     crash_after(tmp_path / "resumed", 2)

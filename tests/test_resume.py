@@ -139,3 +139,18 @@ def test_sigterm_checkpoints_and_exits_for_requeue_then_resume_matches(tiny_llam
     run_in_process("lora", tiny_llama, tmp_path / "straight", "peft.dropout=0", "train.max_steps=40",
                    "eval.every_steps=null", "eval.at_start=false", "eval.sample_prompts=[]", "data.max_samples=400")
     assert_same_training(tmp_path / "straight", run_dir)
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGUSR1])
+def test_stop_signals_are_recorded_not_fatal(signum):
+    from types import SimpleNamespace
+
+    from launcher.train.preemption import StopFlag
+
+    stop = StopFlag().install()
+    try:
+        os.kill(os.getpid(), signum)  # would end the process without the handler
+        assert stop.signal_name == signal.Signals(signum).name
+        assert stop.any_rank_stopping(SimpleNamespace(device=torch.device("cpu"), num_processes=1))
+    finally:
+        stop.uninstall()

@@ -127,7 +127,7 @@ def _seed_everything(seed: int) -> None:
     set_seed(seed)
 
 
-def _log(message: str, is_main: bool) -> None:
+def announce(message: str, is_main: bool) -> None:
     if is_main:
         print(f"[tunefleet] {message}", flush=True)
 
@@ -186,7 +186,7 @@ def build_run(recipe: Recipe, recipe_name: str, command: list[str]) -> Run:
     model = METHODS[recipe.peft.method].apply(model, recipe.peft, ctx)
     float32_trainable(model)
     trainable, total = parameter_counts(model)
-    _log(f"method {recipe.peft.method}: {trainable:,} trainable of {total:,} parameters "
+    announce(f"method {recipe.peft.method}: {trainable:,} trainable of {total:,} parameters "
          f"({100 * trainable / total:.4f}%)", is_main)
 
     plan = BatchPlan(
@@ -195,7 +195,7 @@ def build_run(recipe: Recipe, recipe_name: str, command: list[str]) -> Run:
         rank=accelerator.process_index, seed=recipe.train.seed,
     )
     total_steps = recipe.train.max_steps or max(1, int(recipe.train.epochs * plan.steps_per_epoch))
-    _log(f"global batch {recipe.train.global_batch_size} = micro batch {recipe.train.micro_batch_size} x "
+    announce(f"global batch {recipe.train.global_batch_size} = micro batch {recipe.train.micro_batch_size} x "
          f"accumulation {plan.accumulation} x world size {accelerator.num_processes}; "
          f"{len(data.train)} training examples, {total_steps} steps", is_main)
 
@@ -210,7 +210,7 @@ def build_run(recipe: Recipe, recipe_name: str, command: list[str]) -> Run:
     accelerator.register_for_checkpointing(scheduler)
     if recipe.distributed.backend == "ddp":
         install_trainable_only_hooks(accelerator, model_is_partial=trainable < total)
-    _log(f"backend: {backend.name}", is_main)
+    announce(f"backend: {backend.name}", is_main)
 
     run_dir, resume_from = _make_run_dir(accelerator, recipe, recipe_name, command)
     if is_main:

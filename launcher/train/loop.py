@@ -11,7 +11,6 @@ mean-per-micro-batch would break whenever micro batches hold different numbers o
 from __future__ import annotations
 
 import gc
-import hashlib
 import json
 import time
 from pathlib import Path
@@ -20,14 +19,14 @@ import torch
 import torch.nn.functional as F
 
 from launcher.data.batches import collate, count_targets
-from launcher.data.formats import render_prompt
 from launcher.outputs.artifacts import merge_run, save_artifact
 from launcher.outputs.metrics_log import MetricsLog
 from launcher.outputs.run_dir import write_json
-from launcher.train.build import Run, _log
+from launcher.train.build import Run, announce
 from launcher.train.checkpoint import check_resumable, save_checkpoint
 from launcher.train.evaluate import evaluate, improved
 from launcher.train.preemption import PREEMPTED_EXIT_CODE, Preempted, StopFlag
+from launcher.train.report import generate_samples, peak_memory_mb, write_rank_summary
 
 
 def micro_batch_loss(model, batch: dict, normalizer: torch.Tensor, classification: bool) -> torch.Tensor:
@@ -65,10 +64,6 @@ def _save(run: Run, name: str) -> dict:
     return full_state
 
 
-def _parameter_checksum(model) -> float:
-    return float(sum(p.detach().double().sum() for p in model.parameters() if p.requires_grad))
-
-
 def _restore(run: Run, log: MetricsLog) -> dict:
     """Load the checkpoint train.resume points at (if any) and say what happened."""
     state: dict = {"step": 0, "best_value": None, "best_step": None, "evals_without_gain": 0,
@@ -77,13 +72,13 @@ def _restore(run: Run, log: MetricsLog) -> dict:
     if checkpoint is None:
         how = {"never": "starting fresh (train.resume=never)",
                "auto": f"train.resume=auto: no complete checkpoint in {run.run_dir}, starting from step 0"}
-        _log(how.get(run.recipe.train.resume, "starting fresh"), run.is_main)
+        announce(how.get(run.recipe.train.resume, "starting fresh"), run.is_main)
         return state
     saved = check_resumable(checkpoint, run.recipe, run.accelerator.num_processes, run.backend.sharded_state)
     run.backend.load_state(run.accelerator, str(checkpoint), run.model, run.optimizer, run.scheduler)
     state.update({k: saved[k] for k in state if k in saved})
     log.truncate_after(state["step"])
-    _log(f"resumed from {checkpoint} at step {state['step']} of {run.total_steps} "
+    announce(f"resumed from {checkpoint} at step {state['step']} of {run.total_steps} "
          f"(written with world size {saved['world_size']}, now {run.accelerator.num_processes})", run.is_main)
     return state
 
@@ -110,7 +105,7 @@ def train_steps(run: Run) -> dict:
     if has_eval and recipe.eval.at_start and state["step"] == 0:
         state["eval_start"] = _evaluate(run)
         log.log(0, state["eval_start"])
-        _log(f"eval before training: {_fmt(state['eval_start'])}", run.is_main)
+        announce(f"eval before training: {_fmt(state['eval_start'])}", run.is_main)
     samples_before = generate_samples(run) if recipe.eval.at_start and state["step"] == 0 else []
 
     stop = StopFlag().install()
@@ -169,7 +164,7 @@ def train_steps(run: Run) -> dict:
                 patience = recipe.eval.early_stopping_patience
                 if patience and state["evals_without_gain"] >= patience:
                     stopped_early = True
-                    _log(f"early stop at step {step}: {metric_key} has not improved for {patience} evaluations "
+                    announce(f"early stop at step {step}: {metric_key} has not improved for {patience} evaluations "
                          f"(best {state['best_value']:.4f} at step {state['best_step']})", run.is_main)
             if row:
                 log.log(step, row)
@@ -179,7 +174,7 @@ def train_steps(run: Run) -> dict:
                 _checkpoint(run, state)
             if stop.any_rank_stopping(acc):
                 path = _checkpoint(run, state)
-                _log(f"{stop.signal_name or 'stop signal on another rank'}: checkpoint {path} written after "
+                announce(f"{stop.signal_name or 'stop signal on another rank'}: checkpoint {path} written after "
                      f"step {step}; exiting with code {PREEMPTED_EXIT_CODE} (requeue with train.resume=auto)",
                      run.is_main)
                 log.close()
@@ -194,9 +189,9 @@ def train_steps(run: Run) -> dict:
     final_state = _save(run, "final")
     summary = {"eval_start": state["eval_start"], "eval_final": state["eval_final"], "stopped_early": stopped_early}
     if summary["eval_final"]:
-        _log(f"eval after training: {_fmt(summary['eval_final'])}", run.is_main)
+        announce(f"eval after training: {_fmt(summary['eval_final'])}", run.is_main)
     if summary["eval_start"] and summary["eval_final"]:
-        _log(f"eval_loss before -> after: {summary['eval_start']['eval_loss']:.4f} -> "
+        announce(f"eval_loss before -> after: {summary['eval_start']['eval_loss']:.4f} -> "
              f"{summary['eval_final']['eval_loss']:.4f}", run.is_main)
     samples = generate_samples(run)
     for sample, before in zip(samples, samples_before):
@@ -205,19 +200,19 @@ def train_steps(run: Run) -> dict:
         with (run.run_dir / "samples.jsonl").open("w") as f:
             for sample in samples:
                 f.write(json.dumps(sample) + "\n")
-                _log(f"sample: {sample['prompt']!r} -> {sample['answer']!r}", True)
-    _write_rank_summary(run, state["step"], final_state)
+                announce(f"sample: {sample['prompt']!r} -> {sample['answer']!r}", True)
+    write_rank_summary(run, state["step"], final_state)
     log.close()
     if recipe.output.merge and run.is_main:
         merged = merge_run(run.run_dir)
-        _log(f"merged model written to {merged}", True)
+        announce(f"merged model written to {merged}", True)
 
     result = {
         "method": recipe.peft.method, "task": recipe.model.task, "steps": state["step"],
         "train_loss": train_loss, "runtime_s": elapsed, "tokens_per_s": state["tokens_done"] / max(elapsed, 1e-9),
         "trainable_params": run.trainable_params, "total_params": run.total_params,
         "world_size": acc.num_processes, "global_batch_size": recipe.train.global_batch_size,
-        "gradient_accumulation_steps": plan.accumulation, "peak_memory_mb": _peak_memory_mb(),
+        "gradient_accumulation_steps": plan.accumulation, "peak_memory_mb": peak_memory_mb(),
         "best": ({"metric": metric_key, "value": state["best_value"], "step": state["best_step"]}
                  if state["best_step"] else None),
         **summary, "samples": samples,
@@ -225,82 +220,6 @@ def train_steps(run: Run) -> dict:
     if run.is_main:
         write_json(run.run_dir / "metrics.json", result)
     return result
-
-
-@torch.no_grad()
-def generate_samples(run: Run) -> list[dict]:
-    """Greedy answers to eval.sample_prompts. With sharded parameters every rank must take part in
-    each forward pass; otherwise only the main process generates."""
-    recipe = run.recipe
-    if not recipe.eval.sample_prompts or not (run.is_main or run.backend.params_sharded):
-        return []
-    model = run.accelerator.unwrap_model(run.model)
-    model.eval()
-    samples = []
-    for prompt in recipe.eval.sample_prompts:
-        text = render_prompt(run.tokenizer, recipe.data.prompt_template, prompt)
-        encoded = run.tokenizer(text, return_tensors="pt", add_special_tokens=False).to(run.accelerator.device)
-        output = model.generate(**encoded, max_new_tokens=recipe.eval.sample_max_new_tokens, do_sample=False,
-                                pad_token_id=run.tokenizer.pad_token_id,
-                                synced_gpus=run.backend.params_sharded and run.accelerator.num_processes > 1)
-        answer = run.tokenizer.decode(output[0, encoded["input_ids"].shape[1]:], skip_special_tokens=True)
-        samples.append({"prompt": prompt, "answer": answer.strip()})
-    return samples
-
-
-def _write_rank_summary(run: Run, steps: int, full_state: dict) -> None:
-    """Each rank records what it saw and where its weights ended; replicated weights must agree."""
-    from accelerate.utils import gather_object
-
-    seen = hashlib.sha256()
-    for step in range(steps):
-        seen.update(json.dumps(run.plan.micro_batches(step)).encode())
-    trainable = {name for name, p in run.accelerator.unwrap_model(run.model).named_parameters() if p.requires_grad}
-    if run.backend.params_sharded:
-        # Each rank holds a shard: the checksum is of the gathered tensors, on the main process.
-        checksum = _state_checksum(full_state, trainable) if run.is_main else None
-    else:
-        checksum = _parameter_checksum(run.model)
-    record = {
-        "rank": run.accelerator.process_index, "world_size": run.accelerator.num_processes, "steps": steps,
-        "data_digest": seen.hexdigest(), "first_micro_batches": run.plan.micro_batches(0), "param_checksum": checksum,
-        "backend": run.backend.name, "local_param_elements": _local_elements(run.model),
-        "total_param_elements": run.total_params,
-    }
-    folder = run.run_dir / "ranks"
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / f"rank{record['rank']}.json").write_text(json.dumps(record, indent=1))
-    if run.backend.params_sharded:
-        return
-    checksums = gather_object([checksum]) if run.accelerator.num_processes > 1 else [checksum]
-    if len(set(checksums)) != 1:
-        raise RuntimeError(f"ranks ended with different weights (checksums {checksums}): data-parallel sync is broken")
-
-
-def _peak_memory_mb() -> float:
-    """Peak accelerator memory of this process, or its peak resident host memory on CPU."""
-    if torch.cuda.is_available():
-        return torch.cuda.max_memory_allocated() / 2**20
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
-
-
-def _local_elements(model) -> int:
-    """Parameter elements this rank actually holds: its shard under ZeRO-3 or FSDP, everything under DDP."""
-    total = 0
-    for param in model.parameters():
-        if hasattr(param, "ds_tensor"):  # ZeRO-3 partition
-            total += param.ds_tensor.numel()
-        elif hasattr(param, "to_local"):  # FSDP2 DTensor shard
-            total += param.to_local().numel()
-        else:
-            total += param.numel()
-    return total
-
-
-def _state_checksum(state: dict, names: set[str]) -> float:
-    return float(sum(t.double().sum() for k, t in state.items() if k in names))
 
 
 def _fmt(metrics: dict[str, float]) -> str:
@@ -317,7 +236,7 @@ def run_training(recipe, recipe_name: str, command: list[str]) -> Path:
         train_steps(run)
     finally:
         release(run)
-    _log(f"done: {run.run_dir}", is_main)
+    announce(f"done: {run.run_dir}", is_main)
     return Path(run.run_dir)
 
 

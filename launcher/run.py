@@ -31,6 +31,11 @@ def launched_world_overrides() -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if any(word in ("-h", "--help") for word in argv):
+        from launcher.config.docs import keys_reference
+
+        print(__doc__.strip() + "\n\nRecipe keys (set any as key.sub=value):\n" + keys_reference())
+        return 0
     if "TORCHELASTIC_RUN_ID" in os.environ:
         # Under torchrun, record() puts a failing rank's exception into the launcher's root-cause report.
         from torch.distributed.elastic.multiprocessing.errors import record

@@ -33,8 +33,10 @@ def classification_metrics(confusion: torch.Tensor) -> dict[str, float]:
 
 
 @torch.no_grad()
-def evaluate(model, dataset, *, accelerator, batch_size: int, pad_token_id: int, num_labels: int | None,
-             progress=None) -> dict[str, float]:
+def evaluate(model, dataset, *, accelerator, batch_size: int, pad_token_id: int, num_labels: int | None
+             ) -> dict[str, float]:
+    from tqdm.auto import tqdm
+
     was_training = model.training
     model.eval()
     indices = list(range(accelerator.process_index, len(dataset), accelerator.num_processes))
@@ -44,7 +46,10 @@ def evaluate(model, dataset, *, accelerator, batch_size: int, pad_token_id: int,
     # Every rank runs the same number of forward passes: with sharded parameters (ZeRO-3, FSDP) each
     # forward is a collective, so a rank with fewer examples runs a filler batch and ignores it.
     per_rank = -(-len(dataset) // accelerator.num_processes)
+    progress = tqdm(total=-(-per_rank // batch_size), desc="evaluating", leave=False,
+                    disable=not accelerator.is_main_process, dynamic_ncols=True)
     for start in range(0, per_rank, batch_size):
+        progress.update(1)
         chunk = indices[start : start + batch_size]
         batch = collate(dataset.select(chunk or [0]), pad_token_id)
         batch = {k: v.to(accelerator.device) for k, v in batch.items()}
@@ -62,8 +67,7 @@ def evaluate(model, dataset, *, accelerator, batch_size: int, pad_token_id: int,
             out = model(**batch, num_items_in_batch=1)
             loss_sum += out.loss.double()
         targets += n
-        if progress is not None:
-            progress.update(1)
+    progress.close()
     stacked = torch.cat([loss_sum.view(1), targets.view(1)])
     stacked = accelerator.reduce(stacked, reduction="sum")
     confusion = accelerator.reduce(confusion, reduction="sum")

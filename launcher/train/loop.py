@@ -200,7 +200,8 @@ def train_steps(run: Run) -> dict:
         with (run.run_dir / "samples.jsonl").open("w") as f:
             for sample in samples:
                 f.write(json.dumps(sample) + "\n")
-                announce(f"sample: {sample['prompt']!r} -> {sample['answer']!r}", True)
+                before = f" (before training: {sample['before_training']!r})" if "before_training" in sample else ""
+                announce(f"sample: {sample['prompt']!r} -> {sample['answer']!r}{before}", True)
     write_rank_summary(run, state["step"], final_state)
     log.close()
     if recipe.output.merge and run.is_main:

@@ -187,7 +187,7 @@ def build_run(recipe: Recipe, recipe_name: str, command: list[str]) -> Run:
     float32_trainable(model)
     trainable, total = parameter_counts(model)
     announce(f"method {recipe.peft.method}: {trainable:,} trainable of {total:,} parameters "
-         f"({100 * trainable / total:.4f}%)", is_main)
+             f"({100 * trainable / total:.4f}%)", is_main)
 
     plan = BatchPlan(
         num_examples=len(data.train), global_batch_size=recipe.train.global_batch_size,
@@ -196,8 +196,8 @@ def build_run(recipe: Recipe, recipe_name: str, command: list[str]) -> Run:
     )
     total_steps = recipe.train.max_steps or max(1, int(recipe.train.epochs * plan.steps_per_epoch))
     announce(f"global batch {recipe.train.global_batch_size} = micro batch {recipe.train.micro_batch_size} x "
-         f"accumulation {plan.accumulation} x world size {accelerator.num_processes}; "
-         f"{len(data.train)} training examples, {total_steps} steps", is_main)
+             f"accumulation {plan.accumulation} x world size {accelerator.num_processes}; "
+             f"{len(data.train)} training examples, {total_steps} steps", is_main)
 
     made = []  # the raw optimizer: the schedule drives its param groups under every wrapper
 

@@ -79,7 +79,7 @@ def _restore(run: Run, log: MetricsLog) -> dict:
     state.update({k: saved[k] for k in state if k in saved})
     log.truncate_after(state["step"])
     announce(f"resumed from {checkpoint} at step {state['step']} of {run.total_steps} "
-         f"(written with world size {saved['world_size']}, now {run.accelerator.num_processes})", run.is_main)
+             f"(written with world size {saved['world_size']}, now {run.accelerator.num_processes})", run.is_main)
     return state
 
 
@@ -165,7 +165,7 @@ def train_steps(run: Run) -> dict:
                 if patience and state["evals_without_gain"] >= patience:
                     stopped_early = True
                     announce(f"early stop at step {step}: {metric_key} has not improved for {patience} evaluations "
-                         f"(best {state['best_value']:.4f} at step {state['best_step']})", run.is_main)
+                             f"(best {state['best_value']:.4f} at step {state['best_step']})", run.is_main)
             if row:
                 log.log(step, row)
             state["elapsed"] = time.perf_counter() - started
@@ -175,7 +175,7 @@ def train_steps(run: Run) -> dict:
             if stop.any_rank_stopping(acc):
                 path = _checkpoint(run, state)
                 announce(f"{stop.signal_name or 'stop signal on another rank'}: checkpoint {path} written after "
-                     f"step {step}; exiting with code {PREEMPTED_EXIT_CODE} (requeue with train.resume=auto)",
+                         f"step {step}; exiting with code {PREEMPTED_EXIT_CODE} (requeue with train.resume=auto)",
                      run.is_main)
                 log.close()
                 raise Preempted(path)
@@ -192,7 +192,7 @@ def train_steps(run: Run) -> dict:
         announce(f"eval after training: {_fmt(summary['eval_final'])}", run.is_main)
     if summary["eval_start"] and summary["eval_final"]:
         announce(f"eval_loss before -> after: {summary['eval_start']['eval_loss']:.4f} -> "
-             f"{summary['eval_final']['eval_loss']:.4f}", run.is_main)
+                 f"{summary['eval_final']['eval_loss']:.4f}", run.is_main)
     samples = generate_samples(run)
     for sample, before in zip(samples, samples_before):
         sample["before_training"] = before["answer"]

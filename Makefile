@@ -10,7 +10,7 @@ export TORCH_EXTENSIONS_DIR ?= $(HOME)/.cache/torch_extensions
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: venv demo test test-fast clean
+.PHONY: venv demo test test-fast clean clear-stale-locks
 
 venv: $(STAMP)
 
@@ -26,10 +26,15 @@ $(STAMP): pyproject.toml requirements/cpu.txt requirements/assets.txt
 demo: $(STAMP)
 	$(VENV)/bin/tunefleet run recipe=lora
 
-test: $(STAMP)
+# A DeepSpeed op build that was killed leaves its lock behind, and every later build waits on it
+# forever; a build takes about a minute, so a lock older than 15 minutes is stale.
+clear-stale-locks:
+	@mkdir -p $(TORCH_EXTENSIONS_DIR) && find $(TORCH_EXTENSIONS_DIR) -name lock -mmin +15 -print -delete
+
+test: $(STAMP) clear-stale-locks
 	$(PY) -m pytest -q
 
-test-fast: $(STAMP)
+test-fast: $(STAMP) clear-stale-locks
 	$(PY) -m pytest -q -m "not slow"
 
 clean:

@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import load_file
 
 from tests.helpers import QUICK, read_jsonl, run_in_process
-from tests.test_distributed import free_port
+from launcher.distributed.rendezvous import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow

@@ -3,7 +3,6 @@ train exactly like one process with the same global batch."""
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -12,18 +11,13 @@ import pytest
 import torch
 
 from launcher.config.load import load_recipe
+from launcher.distributed.rendezvous import free_port
 from launcher.launch import accelerate_command
 from tests.helpers import QUICK, read_jsonl, run_in_process
 
 ROOT = Path(__file__).resolve().parents[1]
 EXACT = ["peft.dropout=0", "eval.every_steps=2", "eval.at_start=false", "train.max_steps=4",
          "train.micro_batch_size=4", "train.global_batch_size=8"]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_launch_command_starts_real_cpu_workers():

@@ -13,7 +13,7 @@ import pytest
 from launcher import run as run_script
 from tests.helpers import QUICK, read_jsonl
 from tests.test_backends import BACKENDS, SAME, assert_same_adapter, launch, losses
-from tests.test_distributed import free_port
+from launcher.distributed.rendezvous import free_port
 from tests.test_resume import crash_after, wait_for
 
 ROOT = Path(__file__).resolve().parents[1]

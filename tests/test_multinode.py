@@ -11,7 +11,7 @@ import pytest
 
 from tests.helpers import QUICK, run_in_process
 from tests.test_backends import BACKENDS, SAME, assert_same_adapter, losses
-from tests.test_distributed import free_port
+from launcher.distributed.rendezvous import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow

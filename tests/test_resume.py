@@ -115,7 +115,7 @@ def wait_for(predicate, timeout: float) -> bool:
 
 @pytest.mark.slow
 def test_sigterm_checkpoints_and_exits_for_requeue_then_resume_matches(tiny_llama, tmp_path):
-    from tests.test_distributed import free_port
+    from launcher.distributed.rendezvous import free_port
 
     common = ["recipe=lora", f"model.name={tiny_llama}", "peft.dropout=0", "train.max_steps=40",
               "eval.every_steps=null", "eval.at_start=false", "eval.sample_prompts=[]", "data.max_samples=400"]

@@ -144,7 +144,6 @@ PEFT_CLASSES: dict[str, type[Section]] = {
                 PartialFreezeConfig, FullConfig, HeadOnlyConfig)
 }
 METHOD_NAMES = tuple(PEFT_CLASSES)
-ADAPTER_METHODS = frozenset({"lora", "qlora", "dora", "prompt_tuning", "prefix_tuning", "ia3"})
 
 
 # ---------------------------------------------------------------------------- distributed

@@ -152,13 +152,10 @@ class FsdpBackend:
 
 def _single_process_group(accelerator) -> None:
     """FSDP needs a process group even for one process (a one-rank run resuming a sharded checkpoint)."""
-    import socket
+    from launcher.distributed.rendezvous import free_port
 
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
     backend = "gloo" if accelerator.device.type == "cpu" else "nccl"
-    torch.distributed.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    torch.distributed.init_process_group(backend, init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
 
 
 def _rng_state() -> dict:

@@ -112,13 +112,10 @@ def make_backend(recipe: Recipe, accumulation: int, precision: str):
 
 
 def _single_process_rendezvous() -> None:
-    import socket
+    from launcher.distributed.rendezvous import free_port
 
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
     os.environ.update({"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1",
-                       "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
+                       "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())})
 
 
 def _seed_everything(seed: int) -> None:

@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import os
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -58,18 +59,34 @@ def cmd_run(words: list[str]) -> int:
 
     name, recipe = load_recipe(words)
     preflight(recipe, name)
+    # What the user typed, for the "Started as" line of RUN/recipe.yaml (workers see only run.py's words).
+    typed = {"TUNEFLEET_COMMAND": shlex.join(["tunefleet", "run", *words])}
     if recipe.distributed.world_size == 1:
         from launcher import run
 
-        return run.main(words)
+        previous = os.environ.get("TUNEFLEET_COMMAND")
+        os.environ.update(typed)
+        try:
+            return run.main(words)
+        finally:
+            os.environ.pop("TUNEFLEET_COMMAND")
+            if previous is not None:
+                os.environ["TUNEFLEET_COMMAND"] = previous
     import torch
 
     from launcher.launch import accelerate_command
 
-    argv, extra_env = accelerate_command(recipe, words, has_gpu=torch.cuda.is_available())
-    print("[tunefleet] launching: " + " ".join(f"{k}={v}" for k, v in extra_env.items()) + " " + " ".join(argv),
-          flush=True)
-    return run_workers(argv, {**os.environ, **extra_env})
+    argv, extra_env = accelerate_command(recipe, words, has_gpu=torch.cuda.is_available(), environ=os.environ)
+    print("[tunefleet] launching: " + shell_command(argv, extra_env), flush=True)
+    return run_workers(argv, {**os.environ, **extra_env, **typed})
+
+
+def shell_command(argv: list[str], env: dict[str, str]) -> str:
+    """`VAR=value ... argv` quoted for a POSIX shell, so the printed line can be copied and run.
+
+    Only the value of an assignment is quoted: a quoted 'VAR=value' would be taken as a command name.
+    """
+    return " ".join([*(f"{k}={shlex.quote(v)}" for k, v in env.items()), shlex.join(argv)])
 
 
 def run_workers(argv: list[str], env: dict[str, str]) -> int:
@@ -81,20 +98,35 @@ def run_workers(argv: list[str], env: dict[str, str]) -> int:
     import signal
     import tempfile
 
+    from launcher.distributed.lifetime import LAUNCHER_PID_ENV, agent_preexec
     from launcher.train.preemption import PREEMPTED_EXIT_CODE, STOP_SIGNALS
 
     with tempfile.TemporaryDirectory(prefix="tunefleet-") as tmp:
         status_file = Path(tmp) / "status"
-        child = subprocess.Popen(argv, env={**env, "TUNEFLEET_STATUS_FILE": str(status_file)})
+        # If this process dies unannounced (SIGKILL, OOM killer), the agent gets SIGTERM and stops
+        # the workers, and the workers watch this pid too (launcher/distributed/lifetime.py).
+        child = subprocess.Popen(argv, env={**env, "TUNEFLEET_STATUS_FILE": str(status_file),
+                                            LAUNCHER_PID_ENV: str(os.getpid())}, preexec_fn=agent_preexec())
         previous = {sig: signal.signal(sig, lambda signum, _: child.send_signal(signum)) for sig in STOP_SIGNALS}
         try:
-            code = child.wait()
+            try:
+                code = child.wait()
+            except KeyboardInterrupt:
+                # Ctrl-C reached the agent too (same process group): it stops its workers; wait for that.
+                print("[tunefleet] interrupted (Ctrl-C): stopping the workers", file=sys.stderr, flush=True)
+                child.wait()
+                return 130
         finally:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
         status = status_file.read_text().strip() if status_file.exists() else ""
     if status == "preempted":
         return PREEMPTED_EXIT_CODE
+    if code < 0:
+        print(f"error: the accelerate launcher (pid {child.pid}) was killed by {signal.Signals(-code).name}; "
+              "its workers were sent SIGTERM and stop after their current step, writing a checkpoint if "
+              "training had begun (continue with train.resume=auto)", file=sys.stderr)
+        return 128 - code  # what a shell reports for a process killed by that signal
     if code not in (0, 2):  # 2: a UserError, already explained by the main worker
         print(f"error: a worker process failed (exit status {code}) and the whole run was stopped; "
               "the launcher's 'Root Cause' report above names the rank and the reason", file=sys.stderr)
@@ -102,12 +134,28 @@ def run_workers(argv: list[str], env: dict[str, str]) -> int:
 
 
 def cmd_merge(words: list[str]) -> int:
-    if len(words) != 1:
-        raise UserError("usage: tunefleet merge RUN_DIR")
-    from launcher.outputs.artifacts import merge_run
+    """`tunefleet merge RUN_DIR [--dtype float32|bfloat16|float16]` (also --dtype=D, before or after RUN_DIR)."""
+    from launcher.outputs.artifacts import MERGE_DTYPES, check_merge_dtype, merge_run
 
-    out = merge_run(Path(words[0]))
-    print(f"[tunefleet] merged model written to {out}")
+    usage = f"usage: tunefleet merge RUN_DIR [--dtype {'|'.join(MERGE_DTYPES)}]"
+    positional, dtype, rest = [], "float32", list(words)
+    while rest:
+        word = rest.pop(0)
+        if word == "--dtype":
+            if not rest:
+                raise UserError(f"--dtype needs a value; {usage}")
+            dtype = rest.pop(0)
+        elif word.startswith("--dtype="):
+            dtype = word.split("=", 1)[1]
+        elif word.startswith("-"):
+            raise UserError(f"unknown option {word}; {usage}")
+        else:
+            positional.append(word)
+    if len(positional) != 1:
+        raise UserError(usage)
+    check_merge_dtype(dtype)  # before anything loads
+    out = merge_run(Path(positional[0]), dtype=dtype)
+    print(f"[tunefleet] merged model ({dtype}) written to {out}")
     return 0
 
 

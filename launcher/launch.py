@@ -10,12 +10,19 @@ from __future__ import annotations
 import os
 import sys
 from pathlib import Path
+from typing import Mapping
 
 RUN_SCRIPT = Path(__file__).resolve().parent / "run.py"
 
 
-def accelerate_command(recipe, words: list[str], *, has_gpu: bool, cpu_count: int | None = None) -> tuple[list[str], dict[str, str]]:
-    """Return (argv, extra environment) that runs `launcher/run.py words...` as the recipe says."""
+def accelerate_command(recipe, words: list[str], *, has_gpu: bool, cpu_count: int | None = None,
+                       environ: Mapping[str, str] | None = None) -> tuple[list[str], dict[str, str]]:
+    """Return (argv, extra environment) that runs `launcher/run.py words...` as the recipe says.
+
+    `environ` is the environment the command will run in (cli passes os.environ): a setting the
+    user made there, such as OMP_NUM_THREADS, is kept rather than replaced by our default.
+    """
+    environ = {} if environ is None else environ
     dist = recipe.distributed
     argv = [
         sys.executable, "-m", "accelerate.commands.launch",
@@ -36,5 +43,6 @@ def accelerate_command(recipe, words: list[str], *, has_gpu: bool, cpu_count: in
             env["ACCELERATE_USE_CPU"] = "1"
         # Oversubscribed CPU threads make every process several times slower.
         cores = cpu_count or os.cpu_count() or 1
-        env.setdefault("OMP_NUM_THREADS", str(max(1, cores // dist.num_processes)))
+        if "OMP_NUM_THREADS" not in environ:
+            env["OMP_NUM_THREADS"] = str(max(1, cores // dist.num_processes))
     return argv, env

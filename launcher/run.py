@@ -9,6 +9,8 @@ Parses and validates (fast, no heavy imports), then hands over to the training l
 from __future__ import annotations
 
 import os
+import shlex
+import socket
 import sys
 
 if __package__ in (None, ""):
@@ -25,8 +27,38 @@ def launched_world_overrides() -> list[str]:
     if "WORLD_SIZE" not in os.environ or "LOCAL_WORLD_SIZE" not in os.environ:
         return []
     local, world = int(os.environ["LOCAL_WORLD_SIZE"]), int(os.environ["WORLD_SIZE"])
-    return [f"distributed.num_processes={local}", f"distributed.num_machines={world // local}",
-            f"distributed.machine_rank={int(os.environ.get('GROUP_RANK', os.environ.get('NODE_RANK', 0)))}"]
+    words = [f"distributed.num_processes={local}", f"distributed.num_machines={world // local}",
+             f"distributed.machine_rank={int(os.environ.get('GROUP_RANK', os.environ.get('NODE_RANK', 0)))}"]
+    if os.environ.get("MASTER_ADDR"):
+        # The address the launcher really used; without it a multi-machine recipe would be refused
+        # for leaving main_process_ip at its default (launcher/config/compat.py).
+        words.append(f"distributed.main_process_ip={os.environ['MASTER_ADDR']}")
+    return words
+
+
+def report_error(err: UserError) -> None:
+    """Print a UserError on every rank; other ranks say which one and where (e.g. a file missing on machine 2)."""
+    rank = os.environ.get("RANK", "0")
+    where = "" if rank == "0" else f" (rank {rank} on {socket.gethostname()})"
+    # One write, so that ranks printing at once do not interleave within a message.
+    sys.stderr.write(f"error{where}: {err}\n")
+    sys.stderr.flush()
+
+
+def write_status(status: str) -> None:
+    """Tell `tunefleet run` (cli.run_workers) how the run ended, if it still listens.
+
+    The file lies in the CLI's temporary folder, which is gone when the CLI (or its agent) was killed
+    and this worker is stopping on its own: that must not turn a clean stop into a crash.
+    """
+    status_file = os.environ.get("TUNEFLEET_STATUS_FILE")
+    if not status_file or os.environ.get("RANK") not in (None, "0"):
+        return
+    try:
+        with open(status_file, "w") as f:
+            f.write(status + "\n")
+    except OSError:
+        pass
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -37,6 +69,9 @@ def main(argv: list[str] | None = None) -> int:
         print(__doc__.strip() + "\n\nRecipe keys (set any as key.sub=value):\n" + keys_reference())
         return 0
     if "TORCHELASTIC_RUN_ID" in os.environ:
+        from launcher.distributed.lifetime import tie_worker_to_launcher
+
+        tie_worker_to_launcher()  # a worker never outlives its launcher (SIGKILL, OOM killer)
         # Under torchrun, record() puts a failing rank's exception into the launcher's root-cause report.
         from torch.distributed.elastic.multiprocessing.errors import record
 
@@ -53,16 +88,13 @@ def _main(argv: list[str]) -> int:
         preflight(recipe, name)
         from launcher.train.loop import run_training
 
-        run_training(recipe, name, ["launcher/run.py", *argv])
+        typed = os.environ.get("TUNEFLEET_COMMAND")  # set by `tunefleet run`
+        run_training(recipe, name, shlex.split(typed) if typed else ["launcher/run.py", *argv])
     except UserError as err:
-        if os.environ.get("RANK") in (None, "0"):
-            print(f"error: {err}", file=sys.stderr)
+        report_error(err)
         return err.exit_code
     except Preempted as stop:
-        status_file = os.environ.get("TUNEFLEET_STATUS_FILE")
-        if status_file and os.environ.get("RANK") in (None, "0"):
-            with open(status_file, "w") as f:
-                f.write("preempted\n")
+        write_status("preempted")
         return stop.exit_code
     return 0
 

@@ -1,5 +1,7 @@
 """Overrides are coerced to the field's type; every kind of bad input gets one clear message."""
 
+import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -172,3 +174,141 @@ def test_keys_reference_documents_every_field():
     for cls in PEFT_CLASSES.values():
         for field_name, field in cls.model_fields.items():
             assert field.description, f"peft.{field_name} has no description"
+
+
+# ---------------------------------------------------------------- paths of the wrong kind, unreadable, unwritable
+
+@pytest.fixture
+def places(tmp_path):
+    """A file, folders, a minimal model folder and a data file: the raw material of wrong paths."""
+    (tmp_path / "a_file").write_text("x")
+    (tmp_path / "folder.jsonl").mkdir()
+    (tmp_path / "folder").mkdir()
+    (tmp_path / "empty_model").mkdir()
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "config.json").write_text("{}")  # enough for preflight, which loads nothing
+    (tmp_path / "weights.gguf").mkdir()
+    (tmp_path / "notes.txt").write_text("x")
+    (tmp_path / "rows.jsonl").write_text('{"instruction": "a", "output": "b"}\n')
+    return tmp_path
+
+
+def run_main(capsys, *words: str) -> tuple[int, str, str]:
+    from launcher.cli import main
+
+    code = main(list(words))
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def assert_one_error_line(code: int, out: str, err: str, *expected: str) -> None:
+    assert code == 2, err
+    assert "Traceback" not in err and out == ""
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    for text in expected:
+        assert text in lines[0], err
+
+
+# (words, what the one error line must say); {p} is the folder of `places`.
+WRONG_PATHS = [
+    (["output.dir={p}/a_file"], ["output.dir={p}/a_file", "is a file, but a folder is expected"]),
+    (["output.dir={p}/a_file/run"], ["output.dir={p}/a_file/run", "{p}/a_file is a file, so no folder"]),
+    (["output.dir={p}/out-{{nope}}"], ["output.dir={p}/out-{{nope}}", "placeholders are {{recipe}} and {{time}}"]),
+    (["data.train={p}/folder.jsonl"], ["data.train={p}/folder.jsonl", "is a folder, but a data file"]),
+    (["data.train={p}/folder"], ["data.train={p}/folder", "is a folder, but a data file"]),
+    (["data.eval={p}/folder.jsonl"], ["data.eval={p}/folder.jsonl", "is a folder, but a data file"]),
+    (["data.train=[{{path: {p}/rows.jsonl}}, {{path: {p}/folder.jsonl}}]"],
+     ["data.train[1].path={p}/folder.jsonl", "is a folder, but a data file"]),
+    (["data.train={p}/a_file/rows.jsonl"], ["data.train={p}/a_file/rows.jsonl", "does not exist"]),
+    (["data.train={p}/notes.txt"], ["data.train={p}/notes.txt", "unknown file type .txt"]),
+    (["data.eval={p}/notes.txt"], ["data.eval={p}/notes.txt", "unknown file type .txt"]),
+    (["model.name={p}/empty_model"], ["model.name={p}/empty_model", "holds no config.json"]),
+    (["model.name={p}/weights.gguf"], ["model.name={p}/weights.gguf", "holds no config.json"]),
+    (["model.name={p}/a_file"], ["model.name={p}/a_file", "expected a model folder, a .gguf file"]),
+    (["model.name={p}/a_file/model"], ["model.name={p}/a_file/model", "no such file or folder"]),
+    (["recipe={p}/folder.jsonl"], ["recipe={p}/folder.jsonl", "is a folder, but a recipe YAML file"]),
+    (["recipe={p}/a_file/lora.yaml"], ["recipe file {p}/a_file/lora.yaml does not exist"]),
+    (["distributed.backend=deepspeed", "distributed.config={p}/folder"],
+     ["distributed.config={p}/folder", "is a folder, but a DeepSpeed JSON file"]),
+]
+
+
+@pytest.mark.parametrize("command", ["run", "validate"])
+@pytest.mark.parametrize("words, expected", WRONG_PATHS, ids=[" ".join(w) for w, _ in WRONG_PATHS])
+def test_path_of_the_wrong_kind_is_one_error_before_anything_loads(places, capsys, command, words, expected):
+    base = ["recipe=lora", f"model.name={places / 'model'}", f"output.dir={places / 'out'}", "train.max_steps=1"]
+    words = [w.format(p=places) for w in words]
+    code, out, err = run_main(capsys, command, *base, *words)
+    assert_one_error_line(code, out, err, *(e.format(p=places) for e in expected))
+    assert not (places / "out").exists()
+
+
+def read_only_folder(tmp_path) -> Path:
+    """A folder this process cannot create anything in. Root writes through permission bits, so
+    there it is /proc/sys (read-only for everyone), where the system has one."""
+    if os.geteuid() != 0:
+        folder = tmp_path / "read-only"
+        folder.mkdir()
+        folder.chmod(0o555)
+        return folder
+    if Path("/proc/sys").is_dir() and not os.access("/proc/sys", os.W_OK):
+        return Path("/proc/sys")
+    pytest.skip("running as root and no read-only folder to test with")
+
+
+def test_output_in_a_read_only_folder_is_one_error(places, capsys, tmp_path):
+    parent = read_only_folder(tmp_path)
+    code, out, err = run_main(capsys, "run", "recipe=lora", f"model.name={places / 'model'}",
+                              f"output.dir={parent}/run")
+    assert_one_error_line(code, out, err, f"output.dir={parent}/run", f"{parent} is not writable")
+
+
+UNREADABLE = [  # (name of the file in `places` to make unreadable, words, key named in the error)
+    ("rows.jsonl", ["data.train={p}/rows.jsonl"], "data.train={p}/rows.jsonl"),
+    ("rows.jsonl", ["data.eval={p}/rows.jsonl"], "data.eval={p}/rows.jsonl"),
+    ("model/config.json", [], "model.name={p}/model"),
+    ("mine.yaml", ["recipe={p}/mine.yaml"], "recipe={p}/mine.yaml"),
+    ("zero2.json", ["distributed.backend=deepspeed", "distributed.config={p}/zero2.json"],
+     "distributed.config={p}/zero2.json"),
+]
+
+
+def _unreadable_case(places, name: str, words: list[str]) -> tuple[Path, list[str]]:
+    shutil.copy(ROOT / "recipes" / "lora.yaml", places / "mine.yaml")
+    shutil.copy(ROOT / "ds_configs" / "zero2.json", places / "zero2.json")
+    return places / name, [w.format(p=places) for w in words]
+
+
+@pytest.mark.parametrize("name, words, key", UNREADABLE, ids=[u[0] + ":" + " ".join(u[1]) for u in UNREADABLE])
+def test_unreadable_file_is_one_error(places, capsys, monkeypatch, name, words, key):
+    """Denied as the kernel would deny it for a non-root user. Tests run as root here and in CI, and
+    root reads every file whatever its mode, so the permission answer is simulated."""
+    target, words = _unreadable_case(places, name, words)
+    real_access = os.access
+    monkeypatch.setattr(os, "access", lambda path, mode, **kw: (
+        False if Path(path) == target and mode & os.R_OK else real_access(path, mode, **kw)))
+    code, out, err = run_main(capsys, "run", "recipe=lora", f"model.name={places / 'model'}",
+                              f"output.dir={places / 'out'}", *words)
+    assert_one_error_line(code, out, err, key.format(p=places), "cannot be read (permission denied)")
+
+
+def test_several_machines_need_an_explicit_main_process_ip():
+    message = error_of("recipe=lora", "distributed.num_machines=2")
+    assert "distributed.num_machines=2 needs distributed.main_process_ip" in message
+    for ip in ("127.0.0.1", "10.0.0.1"):  # loopback said out loud is allowed: one host playing two machines
+        _, recipe = load_recipe(["recipe=lora", "distributed.num_machines=2", f"distributed.main_process_ip={ip}"])
+        assert recipe.distributed.main_process_ip == ip
+    load_recipe(["recipe=lora"])  # one machine: the default is right
+
+
+def test_worker_adopts_the_address_its_launcher_used(monkeypatch):
+    """A worker of a hand-started multi-machine `accelerate launch` is not refused by the rule above."""
+    from launcher.run import launched_world_overrides
+
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    monkeypatch.setenv("GROUP_RANK", "1")
+    monkeypatch.setenv("MASTER_ADDR", "10.1.2.3")
+    _, recipe = load_recipe(["recipe=lora", "train.global_batch_size=16", *launched_world_overrides()])
+    assert recipe.distributed.num_machines == 2 and recipe.distributed.main_process_ip == "10.1.2.3"

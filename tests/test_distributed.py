@@ -47,7 +47,10 @@ def run_cli(*words, env_extra=None):
 
 @pytest.mark.slow
 def test_world_size_two_matches_one_process(tiny_llama, tmp_path):
-    common = [f"model.name={tiny_llama}", *QUICK, *EXACT]
+    # 9 eval examples in batches of 4: rank 0 evaluates 4 + 1, rank 1 evaluates 4 and then runs a
+    # filler batch, so the uneven shard and its filler are exercised and must not count.
+    uneven_eval = ["data.max_eval_samples=9", "eval.batch_size=4"]
+    common = [f"model.name={tiny_llama}", *QUICK, *EXACT, *uneven_eval]
     out = run_cli("-m", "launcher.cli", "run", "recipe=lora", f"output.dir={tmp_path / 'ws2'}", *common,
                   "distributed.num_processes=2", f"distributed.main_process_port={free_port()}")
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-4000:]
@@ -61,7 +64,7 @@ def test_world_size_two_matches_one_process(tiny_llama, tmp_path):
     assert ranks[0]["param_checksum"] == ranks[1]["param_checksum"]
 
     # The same global batch in one process (micro 4 x accumulation 2) trains identically.
-    run_in_process("lora", tiny_llama, tmp_path / "ws1", *EXACT)
+    run_in_process("lora", tiny_llama, tmp_path / "ws1", *EXACT, *uneven_eval)
     from safetensors.torch import load_file
 
     ws1 = read_jsonl(tmp_path / "ws1" / "metrics.jsonl")

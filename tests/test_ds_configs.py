@@ -62,3 +62,27 @@ def test_unsupported_setups_fail_before_loading(words, expected):
     with pytest.raises(UserError, match=expected):
         name, recipe = load_recipe(words)
         preflight(recipe, name)
+
+
+@pytest.mark.parametrize("block", ["optimizer", "scheduler"])
+def test_a_config_with_its_own_optimizer_or_scheduler_is_refused(block, tmp_path):
+    """DeepSpeed would train with its own optimizer/schedule and silently ignore the recipe's."""
+    custom = tmp_path / "mine.json"
+    custom.write_text(json.dumps({"zero_optimization": {"stage": 2}, block: {"type": "AdamW", "params": {}}}))
+    _, recipe = load_recipe(["recipe=lora", "distributed.backend=deepspeed", f"distributed.config={custom}"])
+    with pytest.raises(UserError, match=f'own "{block}" block'):
+        preflight(recipe, "lora")
+
+
+@pytest.mark.parametrize("config", ["zero2_offload", "zero3_offload"])
+def test_8bit_adamw_with_an_offloaded_optimizer_is_refused(config):
+    """ZeRO-Offload steps with DeepSpeed's CPU Adam: 8-bit AdamW would be silently replaced."""
+    _, recipe = load_recipe(["recipe=lora", "distributed.backend=deepspeed", f"distributed.config={config}",
+                             "train.optimizer=adamw_8bit"])
+    with pytest.raises(UserError, match="train.optimizer=adamw_8bit cannot run with the optimizer offloaded"):
+        preflight(recipe, "lora")
+
+
+def test_fp16_under_fsdp_is_refused_not_silently_fp32():
+    with pytest.raises(UserError, match="train.precision=fp16 is not supported with distributed.backend=fsdp"):
+        load_recipe(["recipe=lora", "distributed.backend=fsdp", "train.precision=fp16"])

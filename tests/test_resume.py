@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 from launcher import run as run_script
 from launcher.train.checkpoint import complete_checkpoints
 from launcher.train.preemption import PREEMPTED_EXIT_CODE
-from tests.helpers import read_jsonl, run_in_process
+from tests.helpers import QUICK, read_jsonl, run_in_process
 
 ROOT = Path(__file__).resolve().parents[1]
 EXACT = ["peft.dropout=0.1", "train.max_steps=6", "eval.every_steps=3", "train.checkpoint_every=2",
@@ -48,6 +48,7 @@ def crash_after(run_dir: Path, step: int) -> None:
             shutil.rmtree(ckpt)
     (run_dir / "checkpoints" / f"step-{step + 1:08d}.tmp").mkdir(exist_ok=True)
     (run_dir / "metrics.json").unlink()
+    (run_dir / "status.json").write_text('{"state": "running"}')  # what a crash mid-training leaves
 
 
 def test_checkpoints_are_complete_and_pruned(tiny_llama, tmp_path):
@@ -73,6 +74,20 @@ def test_auto_resume_reproduces_the_uninterrupted_run(tiny_llama, tmp_path, caps
     assert evals == [0, 3, 6]
 
 
+@pytest.mark.parametrize("before, after", [(8, 4), (4, 8)], ids=["accumulation 1->2", "accumulation 2->1"])
+def test_resume_with_another_accumulation_at_an_odd_step_is_exact(before, after, tiny_llama, tmp_path):
+    """The loop, not a restored micro-step counter, decides which micro batch steps the optimizer."""
+    common = [*EXACT, "peft.dropout=0", "train.checkpoint_every=3", "train.global_batch_size=8"]  # masks differ by split
+    run_in_process("lora", tiny_llama, tmp_path / "straight", *common, f"train.micro_batch_size={before}")
+    run_in_process("lora", tiny_llama, tmp_path / "resumed", *common, f"train.micro_batch_size={before}")
+    crash_after(tmp_path / "resumed", 3)
+    run_in_process("lora", tiny_llama, tmp_path / "resumed", *common, "train.resume=auto",
+                   f"train.micro_batch_size={after}")
+    assert losses(tmp_path / "resumed") == pytest.approx(losses(tmp_path / "straight"), rel=1e-5)
+    for key, tensor in adapter(tmp_path / "straight").items():
+        torch.testing.assert_close(adapter(tmp_path / "resumed")[key], tensor, atol=1e-5, rtol=1e-4)
+
+
 def test_resume_says_what_it_did(tiny_llama, tmp_path, capsys):
     run_in_process("lora", tiny_llama, tmp_path / "run", *EXACT)
     crash_after(tmp_path / "run", 4)
@@ -91,11 +106,34 @@ def test_resume_from_a_path_into_a_new_folder(tiny_llama, tmp_path):
     assert losses(tmp_path / "second") == pytest.approx(losses(tmp_path / "straight")[4:], rel=1e-6)
 
 
-def test_resume_refuses_a_different_recipe(tiny_llama, tmp_path):
+@pytest.mark.parametrize("change, named", [
+    ("train.lr=0.5", "train.lr"),
+    ("train.max_steps=8", "train.max_steps"),  # the schedule's length: LambdaLR state would not carry it
+    ("train.warmup_steps=3", "train.warmup_steps"),
+    ("train.scheduler=linear", "train.scheduler"),
+    ("train.betas=[0.8,0.9]", "train.betas"),
+    ("train.optimizer=adamw_8bit", "train.optimizer"),
+    ("train.precision=bf16", "train.precision"),
+    ("distributed.backend=fsdp", "distributed setup"),
+    ("data.train=[{path: data/wordnet/definitions_train.jsonl, weight: 2}]", "data.train"),
+])
+def test_resume_refuses_what_would_reshape_the_rest_of_the_run(change, named, tiny_llama, tmp_path, capsys):
     run_in_process("lora", tiny_llama, tmp_path / "run", *EXACT)
-    code = run_script.main(["recipe=lora", f"model.name={tiny_llama}", f"output.dir={tmp_path / 'run'}", *EXACT,
-                            "train.resume=auto", "train.lr=0.5"])
-    assert code == 2
+    crash_after(tmp_path / "run", 4)
+    capsys.readouterr()
+    code = run_script.main(["recipe=lora", f"model.name={tiny_llama}", f"output.dir={tmp_path / 'run'}", *QUICK,
+                            *EXACT, "train.resume=auto", change])
+    err = capsys.readouterr().err
+    assert code == 2 and "cannot resume" in err and named in err, err
+    assert len([line for line in err.splitlines() if "error" in line.lower()]) == 1 and "Traceback" not in err
+    assert "Loading weights" not in err, "refused before the model loads"
+
+
+def test_resume_accepts_a_new_split_and_schedule_of_saves(tiny_llama, tmp_path):
+    run_in_process("lora", tiny_llama, tmp_path / "run", *EXACT)
+    crash_after(tmp_path / "run", 4)
+    run_in_process("lora", tiny_llama, tmp_path / "run", *EXACT, "train.resume=auto", "train.micro_batch_size=2",
+                   "train.checkpoint_every=1", "train.log_every=2", "eval.batch_size=3")
 
 
 def test_used_folder_without_resume_is_refused(tiny_llama, tmp_path, capsys):
@@ -154,3 +192,115 @@ def test_stop_signals_are_recorded_not_fatal(signum):
         assert stop.any_rank_stopping(SimpleNamespace(device=torch.device("cpu"), num_processes=1))
     finally:
         stop.uninstall()
+
+
+def test_auto_resume_never_continues_a_finished_run(tiny_llama, tmp_path, capsys):
+    """A fixed folder that finished: nothing to do, nothing rewritten (a requeued job is harmless)."""
+    run_in_process("lora", tiny_llama, tmp_path / "run", *EXACT)
+    metrics = (tmp_path / "run" / "metrics.json").read_bytes()
+    capsys.readouterr()
+    code = run_script.main(["recipe=lora", f"model.name={tiny_llama}", f"output.dir={tmp_path / 'run'}", *QUICK, *EXACT,
+                            "train.resume=auto"])
+    out = capsys.readouterr().out
+    assert code == 0 and "already finished" in out and "nothing to do" in out
+    assert (tmp_path / "run" / "metrics.json").read_bytes() == metrics
+
+
+def test_auto_resume_with_a_time_template_skips_finished_runs(tiny_llama, tmp_path, capsys):
+    template = str(tmp_path / "runs" / "lora-{time}")
+    run_in_process("lora", tiny_llama, template, *EXACT)
+    [finished] = list((tmp_path / "runs").iterdir())
+    metrics = (finished / "metrics.json").read_bytes()
+    time.sleep(1.1)  # {time} has one-second resolution
+    capsys.readouterr()
+    run_in_process("lora", tiny_llama, template, *EXACT, "train.resume=auto")
+    out = capsys.readouterr().out
+    assert "1 finished run(s)" in out and "starting fresh" in out
+    assert len(list((tmp_path / "runs").iterdir())) == 2
+    assert (finished / "metrics.json").read_bytes() == metrics
+    # An interrupted run among them is the one continued.
+    newest = max((tmp_path / "runs").iterdir())
+    crash_after(newest, 4)
+    capsys.readouterr()
+    run_in_process("lora", tiny_llama, template, *EXACT, "train.resume=auto")
+    assert f"continuing {newest}" in capsys.readouterr().out
+    assert json.loads((newest / "metrics.json").read_text())["train_loss"] == pytest.approx(losses(newest)[-1])
+
+
+def _marker_step(folder: Path):
+    return json.loads((folder / "tunefleet_artifact.json").read_text())["step"]
+
+
+def test_best_is_published_with_the_checkpoint_that_records_it(tiny_llama, tmp_path):
+    run_dir = tmp_path / "run"
+    run_in_process("lora", tiny_llama, run_dir, *EXACT, "eval.every_steps=1", "train.lr=1e-2")
+    result = json.loads((run_dir / "metrics.json").read_text())
+    assert _marker_step(run_dir / "best") == result["best"]["step"] and not (run_dir / "best.pending").exists()
+    # A crash after step 3's evaluation found a new best, before step 4's checkpoint recorded it.
+    crash_after(run_dir, 2)
+    recorded = json.loads((complete_checkpoints(run_dir)[-1] / "trainer_state.json").read_text())["best_step"]
+    shutil.copytree(run_dir / "best", run_dir / "best.pending", dirs_exist_ok=True)
+    (run_dir / "best.pending" / "tunefleet_artifact.json").write_text('{"step": 3}')
+    (run_dir / "best" / "tunefleet_artifact.json").write_text(json.dumps({"step": 5}))  # from a later attempt
+    from launcher.train.selection import reconcile_best
+
+    note = reconcile_best(run_dir, {"best_step": recorded})
+    assert note and "runs again" in note
+    assert not (run_dir / "best").exists() and not (run_dir / "best.pending").exists()
+    run_in_process("lora", tiny_llama, run_dir, *EXACT, "eval.every_steps=1", "train.lr=1e-2", "train.resume=auto")
+    assert _marker_step(run_dir / "best") == json.loads((run_dir / "metrics.json").read_text())["best"]["step"]
+
+
+def test_replace_dir_swaps_without_a_missing_moment(tmp_path):
+    import threading
+
+    from launcher.outputs.atomic import replace_dir
+
+    target = tmp_path / "artifact"
+    target.mkdir()
+    (target / "v").write_text("0")
+    seen_missing = []
+    done = threading.Event()
+
+    def watch():
+        while not done.is_set():
+            if not (target / "v").exists():
+                seen_missing.append(True)
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    for version in range(1, 200):
+        new = tmp_path / "artifact.tmp"
+        new.mkdir()
+        (new / "v").write_text(str(version))
+        replace_dir(new, target)
+    done.set()
+    watcher.join()
+    assert (target / "v").read_text() == "199" and not (tmp_path / "artifact.tmp").exists()
+    assert not seen_missing
+
+
+def test_a_stop_signal_on_a_checkpoint_step_writes_that_checkpoint_once(tiny_llama, tmp_path, monkeypatch):
+    """Rewriting the same checkpoint would open a window in which it is missing."""
+    from launcher.train import loop
+    from launcher.train.preemption import Preempted
+
+    real_step, real_save, saved = loop.train_step, loop.save_checkpoint, []
+
+    def step_then_signal(run, step):
+        result = real_step(run, step)
+        if step == 2:
+            os.kill(os.getpid(), signal.SIGTERM)  # arrives during step 2, which is also a checkpoint step
+        return result
+
+    monkeypatch.setattr(loop, "train_step", step_then_signal)
+    monkeypatch.setattr(loop, "save_checkpoint", lambda run, step, *a, **k: saved.append(step) or real_save(run, step, *a, **k))
+    with pytest.raises(Preempted):
+        run_in_process("lora", tiny_llama, tmp_path / "run", *EXACT)
+    from launcher.train.loop import reset_process_state
+
+    reset_process_state()
+    assert saved == [2]
+    status = json.loads((tmp_path / "run" / "status.json").read_text())
+    assert status["state"] == "interrupted" and status["step"] == 2 and status["signal"] == "SIGTERM"
+    assert [p.name for p in complete_checkpoints(tmp_path / "run")] == ["step-00000002"]

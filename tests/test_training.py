@@ -37,17 +37,79 @@ def test_loss_and_weights_do_not_depend_on_the_micro_batch_split(tiny_llama, tmp
 
 
 def test_early_stopping_keeps_the_best_checkpoint(tiny_llama, tmp_path):
-    run, result = run_in_process("lora", tiny_llama, tmp_path / "run", "train.lr=1e-12", "train.max_steps=20",
-                                 "eval.every_steps=1", "eval.early_stopping_patience=2", "train.scheduler=constant",
-                                 "train.warmup_steps=0")
-    assert result["stopped_early"] and result["steps"] < 20
-    assert result["best"]["step"] is not None and (tmp_path / "run" / "best" / "adapter_model.safetensors").exists()
+    run_dir = tmp_path / "run"
+    _, result = run_in_process("lora", tiny_llama, run_dir, "train.lr=3e-2", "train.max_steps=30",
+                               "eval.every_steps=1", "eval.early_stopping_patience=2", "train.scheduler=constant",
+                               "train.warmup_steps=0", "train.checkpoint_every=1", "train.keep_checkpoints=40",
+                               "data.max_eval_samples=8")
+    evals = [(r["step"], r["eval_loss"]) for r in read_jsonl(run_dir / "metrics.jsonl") if "eval_loss" in r]
+    best_step, best = None, float("inf")
+    for step, value in evals:
+        if value < best:
+            best_step, best = step, value
+    assert result["stopped_early"] and result["steps"] == best_step + 2 < 30, evals
+    assert result["best"] == {"metric": "eval_loss", "value": pytest.approx(best), "step": best_step}
+    marker = json.loads((run_dir / "best" / "tunefleet_artifact.json").read_text())
+    assert marker["step"] == best_step
+    # best/ holds the weights of that step (its checkpoint has the same trainable tensors).
+    saved = load_file(str(run_dir / "best" / "adapter_model.safetensors"))
+    at_best = load_file(str(run_dir / "checkpoints" / f"step-{best_step:08d}" / "model.safetensors"))
+    at_best = {k.replace(".default", ""): v for k, v in at_best.items()}
+    final = load_file(str(run_dir / "final" / "adapter_model.safetensors"))
+    assert saved.keys() == at_best.keys()
+    for key in saved:
+        torch.testing.assert_close(saved[key], at_best[key])
+    assert any(not torch.equal(final[k], saved[k]) for k in saved), "best/ must not simply be the last step"
+
+
+def test_gradient_checkpointing_is_on_and_non_reentrant(tiny_llama, tmp_path):
+    run, result = run_in_process("lora", tiny_llama, tmp_path / "run", "train.gradient_checkpointing=true",
+                                 "train.max_steps=1")
+    layer = run.accelerator.unwrap_model(run.model).get_base_model().model.layers[0]
+    assert layer.gradient_checkpointing and layer._gradient_checkpointing_func.keywords == {"use_reentrant": False}
+
+
+def test_qlora_keeps_non_reentrant_checkpointing(tiny_llama, tmp_path):
+    run, _ = run_in_process("qlora", tiny_llama, tmp_path / "run", "train.gradient_checkpointing=true",
+                            "train.max_steps=1")
+    layer = run.accelerator.unwrap_model(run.model).get_base_model().model.layers[0]
+    assert layer._gradient_checkpointing_func.keywords == {"use_reentrant": False}
+
+
+def test_8bit_adamw_is_the_optimizer_used(tiny_llama, tmp_path):
+    run, result = run_in_process("full", tiny_llama, tmp_path / "run", "train.optimizer=adamw_8bit",
+                                 "train.max_steps=2", teardown=False)
+    inner = run.optimizer.optimizer
+    from launcher.train.loop import release
+
+    release(run)
+    assert type(inner).__name__ == "AdamW8bit"
+    # Large tensors keep their moments in 8 bits (bitsandbytes keeps small ones in 32).
+    assert any(s.get("state1") is not None and s["state1"].dtype == torch.uint8 for s in inner.state.values())
+    used = json.loads((tmp_path / "run" / "distributed.json").read_text())
+    assert used["optimizer"]["class"].endswith("AdamW8bit")
+
+
+def test_bf16_autocasts_the_forward(tiny_llama, tmp_path):
+    run, _ = run_in_process("lora", tiny_llama, tmp_path / "run", "train.precision=bf16", "train.max_steps=1",
+                            teardown=False)
+    try:
+        seen = []
+        q_proj = run.accelerator.unwrap_model(run.model).get_base_model().model.layers[0].self_attn.q_proj
+        handle = q_proj.base_layer.register_forward_hook(lambda m, i, out: seen.append(out.dtype))
+        from tests.helpers import first_eval_batch
+
+        run.model(**first_eval_batch(run))
+        handle.remove()
+        assert seen == [torch.bfloat16]
+        assert json.loads((tmp_path / "run" / "distributed.json").read_text())["mixed_precision"] == "bf16"
+    finally:
+        from launcher.train.loop import release
+
+        release(run)
 
 
 @pytest.mark.parametrize("options", [
-    ["train.gradient_checkpointing=true"],
-    ["train.optimizer=adamw_8bit"],
-    ["train.precision=bf16"],
     ["train.layer_lr_decay=0.8", "train.weight_decay=0.1"],
     ["train.max_steps=null", "train.epochs=0.05", "data.max_samples=null"],
 ])

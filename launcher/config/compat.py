@@ -59,6 +59,22 @@ def batch_split_problem(global_batch: int, micro_batch: int, world_size: int) ->
     )
 
 
+def loopback_rendezvous_problem(dist) -> str | None:
+    """Several machines and a main_process_ip left at its default: refuse.
+
+    The default 127.0.0.1 is "this machine", so every machine would wait for a rendezvous on itself
+    until the timeout. Only the default is refused, not loopback as such: whoever writes
+    main_process_ip=127.0.0.1 means it (tests/test_multinode.py runs two "machines" on one host),
+    and a worker started by accelerate/torchrun gets the address its launcher used (launcher/run.py).
+    """
+    if dist.num_machines == 1 or "main_process_ip" in dist.model_fields_set:
+        return None
+    return (f"distributed.num_machines={dist.num_machines} needs distributed.main_process_ip, the address of "
+            f"machine 0 that every machine can reach; the default {dist.main_process_ip} is each machine itself. "
+            "Set it on every machine (to run all machines on this one host, say "
+            "distributed.main_process_ip=127.0.0.1 explicitly)")
+
+
 def check_recipe(recipe: "Recipe") -> list[str]:
     problems: list[str] = []
     task, method = recipe.model.task, recipe.peft.method
@@ -113,6 +129,14 @@ def check_recipe(recipe: "Recipe") -> list[str]:
         problems.append(
             f"distributed.machine_rank={dist.machine_rank} must be below distributed.num_machines={dist.num_machines}"
         )
+    loopback = loopback_rendezvous_problem(dist)
+    if loopback:
+        problems.append(loopback)
     if recipe.train.precision == "fp16" and method == "qlora":
         problems.append("train.precision=fp16 with qlora is unstable; use bf16 or fp32")
+    if recipe.train.precision == "fp16" and dist.backend == "fsdp":
+        # FSDP2 would need an fp16 mixed-precision policy plus a sharded gradient scaler; bf16 has the
+        # range to train without loss scaling and every GPU FSDP targets supports it.
+        problems.append("train.precision=fp16 is not supported with distributed.backend=fsdp (it needs loss scaling "
+                        "over sharded gradients); use train.precision=bf16, or fp32")
     return problems

@@ -30,9 +30,13 @@ def available_recipes() -> dict[str, Path]:
 
 def find_recipe(name: str) -> Path:
     if name.endswith((".yaml", ".yml")) or os.sep in name:
-        path = Path(name)
+        path = Path(name).expanduser()
+        if path.is_dir():
+            raise UserError(f"recipe={name}: {path} is a folder, but a recipe YAML file is expected here")
         if not path.is_file():
             raise UserError(f"recipe file {name} does not exist")
+        if not os.access(path, os.R_OK):
+            raise UserError(f"recipe={name}: {path} cannot be read (permission denied)")
         return path
     recipes = available_recipes()
     if name in recipes:
@@ -66,6 +70,8 @@ def read_yaml(path: Path) -> dict[str, Any]:
         data = yaml.safe_load(path.read_text())
     except yaml.YAMLError as err:
         raise UserError(f"{path} is not valid YAML: {err}") from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise UserError(f"recipe file {path} cannot be read: {getattr(err, 'strerror', None) or err}") from None
     if not isinstance(data, dict):
         raise UserError(f"{path} must hold a mapping of sections (model, peft, data, ...)")
     return data

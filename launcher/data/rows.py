@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from launcher.cache import data_cache_root, file_sha256
 from launcher.errors import UserError
 
 LOCAL_LOADERS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
@@ -68,9 +69,12 @@ def load_rows(path: str, split: str = "train"):
     if suffix == ".jsonl":
         numbers = _jsonl_line_numbers(local)
         line_of = numbers.__getitem__
+    # datasets keeps its Arrow copy of a local file keyed by path and mtime, so an edit that keeps
+    # the mtime (cp -p, rsync -t) would read the old rows: key it by content.
+    arrow_cache = data_cache_root() / "rows" / file_sha256(local)[:16]
     try:
         dataset = datasets.load_dataset(
-            LOCAL_LOADERS[suffix], data_files=str(local), split="train", cache_dir=None
+            LOCAL_LOADERS[suffix], data_files=str(local), split="train", cache_dir=str(arrow_cache)
         )
     except Exception as err:  # noqa: BLE001 - pandas/arrow parse errors carry their own detail
         raise UserError(f"{local}: could not be read as {suffix[1:]}: {str(err).splitlines()[0]}") from None

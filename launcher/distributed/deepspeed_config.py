@@ -75,4 +75,13 @@ def resolve(config: dict, recipe, accumulation: int, precision: str | None, sour
     if drift:
         raise UserError(f"{source} hard-codes {', '.join(drift)}; set these to \"auto\" so the recipe "
                         "stays the single source of truth")
+    problems = [f"{source} has its own \"{block}\" block; remove it: the recipe's train.{key} decides (DeepSpeed "
+                "would otherwise train with a different optimizer or schedule than the recipe says)"
+                for block, key in (("optimizer", "optimizer"), ("scheduler", "scheduler")) if block in resolved]
+    if offloads_optimizer(resolved) and recipe.train.optimizer != "adamw":
+        problems.append(f"train.optimizer={recipe.train.optimizer} cannot run with the optimizer offloaded to the CPU "
+                        f"({source}): ZeRO-Offload steps with DeepSpeed's CPU Adam; use train.optimizer=adamw, or a "
+                        "config without offload_optimizer (zero2, zero3)")
+    if problems:
+        raise UserError("\n".join(problems))
     return resolved

@@ -26,7 +26,6 @@ from launcher.methods.common import transformer_layers
 class FsdpBackend:
     sharded_state = False  # DCP reshards on load: any world size may resume
     params_sharded = True
-    ds_config = None
 
     def __init__(self, recipe, accumulation: int, precision: str):
         self.recipe = recipe
@@ -39,11 +38,14 @@ class FsdpBackend:
     def name(self) -> str:
         return f"fsdp2 {self.sharding}" + (" + cpu offload" if self.cpu_offload else "")
 
+    def prepare_environment(self) -> None:
+        pass
+
     def accelerator_kwargs(self) -> dict:
         return {}
 
-    def optimizer_class(self):
-        return None
+    def check_accelerator(self, accelerator) -> None:
+        pass
 
     def _mesh(self, accelerator):
         from torch.distributed.device_mesh import init_device_mesh
@@ -73,7 +75,9 @@ class FsdpBackend:
             options["offload_policy"] = CPUOffloadPolicy(pin_memory=False)
         if self.precision == "bf16":
             options["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
-        for block in transformer_layers(model):
+        blocks = transformer_layers(model)
+        self.num_units, self.block_class = len(blocks), type(blocks[0]).__name__
+        for block in blocks:
             fully_shard(block, **options)
         fully_shard(model, **options)
         if hasattr(model, "generate"):
@@ -83,22 +87,21 @@ class FsdpBackend:
         optimizer = make_optimizer(model)  # after sharding: the optimizer must see the DTensor shards
         return model, optimizer
 
-    def micro_step(self, accelerator, model, last: bool):
+    def sync_gradients(self, accelerator, model, sync: bool) -> None:
         # Reduce-scatter gradients only after the last micro batch of the step.
-        model.set_requires_gradient_sync(last)
-        return contextlib.nullcontext()
+        model.set_requires_gradient_sync(sync)
 
     def backward(self, accelerator, loss: torch.Tensor) -> None:
-        loss.backward()
+        loss.backward()  # bf16 needs no loss scaling; fp16 is refused for FSDP (launcher.config.compat)
 
-    def clip_gradients(self, accelerator, model, max_norm: float | None):
-        if not max_norm:
-            return None
-        norm = torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], max_norm)
-        return norm.full_tensor() if hasattr(norm, "full_tensor") else norm
-
-    def grad_norm_after_step(self, accelerator, clipped):
-        return clipped
+    def optimizer_step(self, accelerator, model, optimizer, max_grad_norm: float | None) -> float | None:
+        norm = None
+        if max_grad_norm:
+            norm = torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], max_grad_norm)
+            norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return norm
 
     def full_state_dict(self, accelerator, model) -> dict:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
@@ -144,10 +147,16 @@ class FsdpBackend:
         if rng_file.exists():  # absent when resuming with more ranks than wrote the checkpoint
             _set_rng_state(torch.load(rng_file, weights_only=False))
 
-    def resolved_config(self) -> dict:
-        return {"backend": self.name, "fsdp": {"sharding": self.sharding, "cpu_offload": self.cpu_offload,
-                                               "reshard_after_forward": self.sharding != "shard_grad_op",
-                                               "units": "each transformer block, then the root"}}
+    def resolved_config(self, accelerator) -> dict:
+        return {"backend": self.name, "fsdp": {
+            "sharding": self.sharding, "cpu_offload": self.cpu_offload,
+            "reshard_after_forward": self.sharding != "shard_grad_op",
+            "param_dtype": "bfloat16" if self.precision == "bf16" else "float32", "reduce_dtype": "float32",
+            "units": f"each of the {self.num_units} transformer blocks ({self.block_class}), then the root"}}
+
+    def resume_fingerprint(self) -> dict:
+        # The sharding mode and offload change only where shards live; DCP reshards on load.
+        return {"backend": "fsdp2"}
 
 
 def _single_process_group(accelerator) -> None:
@@ -159,10 +168,15 @@ def _single_process_group(accelerator) -> None:
 
 
 def _rng_state() -> dict:
-    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()  # dropout on the GPU draws from these
+    return state
 
 
 def _set_rng_state(state: dict) -> None:
     random.setstate(state["python"])
     np.random.set_state(state["numpy"])
     torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])

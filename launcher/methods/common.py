@@ -22,6 +22,7 @@ class MethodContext:
     task: str  # "causal_lm" or "classification"
     model_path: str  # folder the model and tokenizer load from
     gradient_checkpointing: bool = False
+    gradient_checkpointing_kwargs: dict | None = None  # how the launcher enabled it (methods must not override)
 
 
 def peft_task_type(task: str):
@@ -51,12 +52,37 @@ def wrap_with_peft(model: nn.Module, peft_config) -> nn.Module:
         ) from None
 
 
+def _block_class_names(model: nn.Module) -> set[str]:
+    """The classes the model itself declares as its blocks (transformers' `_no_split_modules`)."""
+    names: set[str] = set()
+    for module in model.modules():
+        declared = getattr(module, "_no_split_modules", None)
+        if isinstance(declared, (list, tuple, set)):
+            names.update(declared)
+    return names
+
+
 def transformer_layers(model: nn.Module) -> nn.ModuleList:
-    """The stack of transformer blocks: the longest ModuleList in the model."""
-    lists = [m for m in model.modules() if isinstance(m, nn.ModuleList)]
-    if not lists:
-        raise UserError("could not find the model's transformer blocks (no ModuleList)")
-    return max(lists, key=len)
+    """The stack of transformer blocks, as the model declares them.
+
+    A ModuleList whose entries are all of a class the model lists in `_no_split_modules` (the
+    decoder or encoder layers): not merely the longest ModuleList, which in a mixture-of-experts
+    model is a list of experts. Where a model declares nothing, the outermost ModuleList of
+    identical modules. FSDP units, layer-wise learning rates and partial freezing all use this.
+    """
+    lists = [m for m in model.modules() if isinstance(m, nn.ModuleList) and len(m) > 0]
+    declared = _block_class_names(model)
+    if declared:
+        matching = [m for m in lists if all(type(block).__name__ in declared for block in m)]
+        if matching:
+            return max(matching, key=len)
+    uniform = [m for m in lists if len({type(block) for block in m}) == 1]
+    if not uniform:
+        raise UserError("could not find the model's transformer blocks (no list of identical layers, and the model "
+                        "declares none in _no_split_modules)")
+    inner = {id(sub) for m in uniform for sub in m.modules() if sub is not m}
+    outermost = [m for m in uniform if id(m) not in inner]
+    return max(outermost, key=len)
 
 
 def layer_index_by_param(model: nn.Module) -> dict[str, int]:
@@ -115,5 +141,7 @@ def trainable_names(model: nn.Module) -> list[str]:
 def float32_trainable(model: nn.Module) -> None:
     """Keep trainable weights in float32 even when the frozen ones are half precision."""
     for param in model.parameters():
-        if param.requires_grad and param.dtype != torch.float32:
+        # ZeRO-3 parameters are partitioned from load time: the local tensor is an empty placeholder,
+        # and DeepSpeed keeps float32 master weights of its partitions itself.
+        if param.requires_grad and param.dtype != torch.float32 and not hasattr(param, "ds_id"):
             param.data = param.data.float()

@@ -29,7 +29,10 @@ def apply(model, cfg, ctx: MethodContext):
 
     # Casts norms to float32 and enables input grads, which gradient checkpointing on a frozen,
     # quantized base needs to reach the adapters.
-    model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=ctx.gradient_checkpointing)
+    # peft re-enables checkpointing here, reentrant unless told otherwise: pass the launcher's choice on
+    # (reentrant checkpointing under DDP fails with "marked ready twice").
+    model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=ctx.gradient_checkpointing,
+                                            gradient_checkpointing_kwargs=ctx.gradient_checkpointing_kwargs)
     _keep_training_layout_on_cpu(model)
     return wrap_with_peft(model, lora_config(cfg, ctx))
 

@@ -12,6 +12,7 @@ import shutil
 from pathlib import Path
 
 from launcher.errors import UserError
+from launcher.outputs.atomic import replace_dir
 
 
 def expected_tensors(model, state_dict: dict | None = None) -> dict[str, tuple]:
@@ -76,7 +77,8 @@ def _without_tied_aliases(model, state_dict: dict | None) -> dict | None:
     return {k: v for k, v in state_dict.items() if k not in aliases}
 
 
-def save_artifact(model, tokenizer, folder: Path, state_dict: dict | None = None, is_main: bool = True) -> None:
+def save_artifact(model, tokenizer, folder: Path, state_dict: dict | None = None, is_main: bool = True,
+                  extra_files: dict[str, str] | None = None) -> None:
     """Write `model` (unwrapped) and its tokenizer to `folder`, atomically, then verify the files.
 
     `state_dict` holds whole tensors where the live parameters are shards (ZeRO-3, FSDP): saving
@@ -100,8 +102,9 @@ def save_artifact(model, tokenizer, folder: Path, state_dict: dict | None = None
     tokenizer.save_pretrained(str(tmp))
     verify_artifact(tmp, expected, is_adapter)
     load_check(tmp, is_adapter)
-    shutil.rmtree(folder, ignore_errors=True)
-    tmp.rename(folder)
+    for name, text in (extra_files or {}).items():
+        (tmp / name).write_text(text)
+    replace_dir(tmp, folder)  # never a moment without a complete artifact under the name
 
 
 def load_check(folder: Path, is_adapter: bool) -> None:
@@ -119,8 +122,21 @@ def load_check(folder: Path, is_adapter: bool) -> None:
         AutoConfig.from_pretrained(str(folder))
 
 
-def merge_run(run_dir: Path, artifact: str = "final") -> Path:
-    """Fold a run's adapter into its base model and save the result as run_dir/merged."""
+MERGE_DTYPES = ("float32", "bfloat16", "float16")
+
+
+def check_merge_dtype(dtype: str) -> None:
+    if dtype not in MERGE_DTYPES:
+        raise UserError(f"merge dtype '{dtype}' is not one of {', '.join(MERGE_DTYPES)}")
+
+
+def merge_run(run_dir: Path, artifact: str = "final", dtype: str = "float32") -> Path:
+    """Fold a run's adapter into its base model and save the result as run_dir/merged, in `dtype`.
+
+    The base is loaded from model.name at model.revision, with model.trust_remote_code, as in
+    training. The merge itself runs in float32 and the result is cast afterwards, so a
+    bfloat16/float16 artifact is rounded once, not at every step of the fold.
+    """
     import torch
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
@@ -129,6 +145,7 @@ def merge_run(run_dir: Path, artifact: str = "final") -> Path:
     from launcher.config.compat import MERGEABLE
     from launcher.model.sources import materialize
 
+    check_merge_dtype(dtype)
     recipe_file = run_dir / "recipe.yaml"
     adapter_dir = run_dir / artifact
     if not recipe_file.is_file() or not (adapter_dir / "adapter_config.json").is_file():
@@ -137,24 +154,23 @@ def merge_run(run_dir: Path, artifact: str = "final") -> Path:
     if recipe.peft.method not in MERGEABLE:
         raise UserError(f"peft.method={recipe.peft.method} cannot be merged into the base weights")
     base_path = materialize(recipe.model.name)
+    hub = {"revision": recipe.model.revision, "trust_remote_code": recipe.model.trust_remote_code}
+    # The run saved its tokenizer next to the adapter; custom tokenizer code still comes from the base repo.
+    tokenizer = AutoTokenizer.from_pretrained(adapter_dir, **hub)
     # The base is loaded unquantized even for QLoRA: merging into 4-bit weights would round the update away.
     if recipe.model.task == "classification":
-        tokenizer = AutoTokenizer.from_pretrained(adapter_dir)
-        config_labels = _label_kwargs(adapter_dir)
-        base = AutoModelForSequenceClassification.from_pretrained(base_path, dtype=torch.float32, **config_labels)
+        base = AutoModelForSequenceClassification.from_pretrained(base_path, dtype=torch.float32, **hub,
+                                                                  **_label_kwargs(adapter_dir))
     else:
-        tokenizer = AutoTokenizer.from_pretrained(adapter_dir)
-        base = AutoModelForCausalLM.from_pretrained(base_path, dtype=torch.float32,
-                                                    trust_remote_code=recipe.model.trust_remote_code)
-    merged = PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
+        base = AutoModelForCausalLM.from_pretrained(base_path, dtype=torch.float32, **hub)
+    merged = PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload().to(getattr(torch, dtype))
     out = run_dir / "merged"
     tmp = out.with_name("merged.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     merged.save_pretrained(str(tmp))
     tokenizer.save_pretrained(str(tmp))
     verify_artifact(tmp, expected_tensors(merged), is_adapter=False)
-    shutil.rmtree(out, ignore_errors=True)
-    tmp.rename(out)
+    replace_dir(tmp, out)
     return out
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shlex
 import time
 from pathlib import Path
 
@@ -25,9 +26,16 @@ def check_free(run_dir: Path) -> None:
 
 
 def write_resolved_recipe(run_dir: Path, recipe, command: list[str]) -> None:
-    """The recipe exactly as this run used it. The schema has no secret fields, so none can leak here."""
-    header = "# Resolved recipe of this run. Re-run with:\n#   tunefleet run recipe=" + str(run_dir / "recipe.yaml") + "\n"
-    header += "# Started as: " + " ".join(command) + "\n"
+    """The recipe exactly as this run used it. The schema has no secret fields, so none can leak here.
+
+    Its output.dir names this run's folder, which a new run may not reuse, so the re-run command
+    in the header gives a fresh folder next to it. Commands are shell-quoted, to be copied as they are.
+    """
+    rerun = ["tunefleet", "run", f"recipe={run_dir / 'recipe.yaml'}", f"output.dir={run_dir}-rerun-{{time}}"]
+    lines = ["Resolved recipe of this run. Re-run it into a new folder with:", "  " + shlex.join(rerun),
+             "Started as: " + shlex.join(command)]
+    # Split again: a newline inside a quoted value must not end the YAML comment.
+    header = "".join(f"# {line}\n" for text in lines for line in text.split("\n"))
     body = yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False)
     (run_dir / "recipe.yaml").write_text(header + body)
 

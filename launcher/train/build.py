@@ -9,7 +9,6 @@
 
 from __future__ import annotations
 
-import glob
 import os
 import sys
 from dataclasses import dataclass
@@ -22,19 +21,17 @@ import torch
 from launcher.config.schema import Recipe
 from launcher.data.batches import BatchPlan
 from launcher.data.prepare import PreparedData, prepare_data
-from launcher.distributed.accelerate_backend import AccelerateBackend
+from launcher.distributed.backend import Backend, make_backend
 from launcher.errors import UserError
 from launcher.methods import METHODS
 from launcher.methods.common import MethodContext, float32_trainable, parameter_counts
 from launcher.model.sources import materialize
-from launcher.outputs.run_dir import check_free, render_dir, write_json, write_resolved_recipe
-from launcher.train.checkpoint import complete_checkpoints, find_resume_point, install_trainable_only_hooks
-from launcher.train.optim import build_optimizer, build_scheduler
+from launcher.outputs.run_dir import write_json, write_resolved_recipe
+from launcher.train.optim import build_optimizer, build_scheduler, describe_optimizer
+from launcher.train.resume import check_resumable, choose_run_dir
 
 if TYPE_CHECKING:
     import accelerate
-
-    from launcher.distributed.fsdp_backend import FsdpBackend
 
 
 @dataclass
@@ -51,8 +48,9 @@ class Run:
     run_dir: Path
     trainable_params: int
     total_params: int
-    backend: AccelerateBackend | FsdpBackend | None = None  # how to step, gather and checkpoint
+    backend: Backend | None = None  # how to synchronise, step, gather and checkpoint
     resume_from: Path | None = None  # the checkpoint train.resume resolved to
+    resumed_state: dict | None = None  # its trainer state, checked against this run
 
     @property
     def is_main(self) -> bool:
@@ -61,6 +59,14 @@ class Run:
     @property
     def num_labels(self) -> int | None:
         return len(self.data.label_names) if self.data.label_names else None
+
+
+class RunAlreadyFinished(Exception):
+    """train.resume=auto found the run complete: there is nothing left to train."""
+
+    def __init__(self, run_dir: Path):
+        super().__init__(str(run_dir))
+        self.run_dir = run_dir
 
 
 def mixed_precision(setting: str) -> str:
@@ -103,25 +109,18 @@ def load_model(model_path: str, recipe: Recipe, label_names: list[str] | None, d
         raise UserError(f"could not load model.name={recipe.model.name}: {str(err).splitlines()[0]}") from None
 
 
-def make_backend(recipe: Recipe, accumulation: int, precision: str):
-    if recipe.distributed.backend == "fsdp":
-        from launcher.distributed.fsdp_backend import FsdpBackend
-
-        return FsdpBackend(recipe, accumulation, precision)
-    return AccelerateBackend(recipe, accumulation, precision)
-
-
-def _single_process_rendezvous() -> None:
-    from launcher.distributed.rendezvous import free_port
-
-    os.environ.update({"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1",
-                       "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())})
-
-
 def _seed_everything(seed: int) -> None:
     from transformers import set_seed
 
     set_seed(seed)
+
+
+def quiet_library_progress_bars() -> None:
+    import datasets
+    import transformers
+
+    transformers.utils.logging.disable_progress_bar()
+    datasets.disable_progress_bars()
 
 
 def announce(message: str, is_main: bool) -> None:
@@ -134,6 +133,8 @@ def build_run(recipe: Recipe, recipe_name: str, command: list[str]) -> Run:
     from accelerate.utils import InitProcessGroupKwargs
 
     local_main = int(os.environ.get("LOCAL_RANK", "0")) == 0
+    if not sys.stderr.isatty():
+        quiet_library_progress_bars()  # their carriage-return frames turn log files into walls of fragments
     model_path = materialize(recipe.model.name)
     tokenizer = load_tokenizer(model_path, recipe)
     data = prepare_data(recipe, tokenizer, quiet=not local_main)
@@ -141,26 +142,17 @@ def build_run(recipe: Recipe, recipe_name: str, command: list[str]) -> Run:
     use_cpu = not torch.cuda.is_available()
     precision = mixed_precision(recipe.train.precision)
     backend = make_backend(recipe, recipe.gradient_accumulation_steps, precision)
-    if backend.ds_config is not None:
-        # ACCELERATE_USE_CPU silently turns DeepSpeed off (plain DDP trains instead); DeepSpeed finds
-        # the CPU by itself.
-        os.environ.pop("ACCELERATE_USE_CPU", None)
-        if "WORLD_SIZE" not in os.environ:
-            _single_process_rendezvous()  # else DeepSpeed looks for MPI to find its (one) peer
+    backend.prepare_environment()
     handlers = []
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 or backend.ds_config is not None:
+    if "WORLD_SIZE" in os.environ:
         # gloo must be named on CPU: without it accelerate picks a backend DeepSpeed and FSDP reject.
         handlers.append(InitProcessGroupKwargs(
             backend="gloo" if use_cpu else "nccl", timeout=timedelta(minutes=recipe.distributed.timeout_minutes)
         ))
-    accelerator = Accelerator(
-        # DeepSpeed refuses accelerate's cpu flag; it finds the CPU accelerator by itself.
-        cpu=use_cpu and backend.ds_config is None, mixed_precision=precision, kwargs_handlers=handlers,
-        **backend.accelerator_kwargs(),
-    )
-    if backend.ds_config is not None and accelerator.distributed_type.value != "DEEPSPEED":
-        raise RuntimeError(f"accelerate set up {accelerator.distributed_type.value}, not DeepSpeed: refusing to train "
-                           "with a different backend than the recipe names")
+    # No gradient_accumulation_steps for accelerate: the loop decides when gradients synchronise.
+    accelerator = Accelerator(**{"cpu": use_cpu, "mixed_precision": precision, "kwargs_handlers": handlers,
+                                 **backend.accelerator_kwargs()})
+    backend.check_accelerator(accelerator)
     if accelerator.num_processes != recipe.distributed.world_size:
         raise UserError(
             f"this run has {accelerator.num_processes} processes but the recipe says "
@@ -168,18 +160,24 @@ def build_run(recipe: Recipe, recipe_name: str, command: list[str]) -> Run:
             "launch with `tunefleet run`, or pass matching distributed.* keys"
         )
     is_main = accelerator.is_main_process
+    # Before the model loads: a requeued job whose run already finished costs seconds, not a model load.
+    run_dir, resume_from, finished = _make_run_dir(accelerator, recipe, recipe_name, command)
+    if finished:
+        raise RunAlreadyFinished(run_dir)
+    resumed_state = None
+    if resume_from is not None:  # refused here, before the model loads, if it may not be continued
+        resumed_state = check_resumable(resume_from, recipe, accelerator.num_processes, backend, data.cache_key)
     _seed_everything(recipe.train.seed)
 
     model = load_model(model_path, recipe, data.label_names, accelerator.device)
     if recipe.train.gradient_checkpointing:
-        # Non-reentrant checkpointing: works with frozen inputs (adapters) and with DDP, where the
-        # reentrant variant raises "parameter marked ready twice".
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=GRADIENT_CHECKPOINTING_KWARGS)
         model.config.use_cache = False
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tokenizer.pad_token_id
     ctx = MethodContext(task=recipe.model.task, model_path=model_path,
-                        gradient_checkpointing=recipe.train.gradient_checkpointing)
+                        gradient_checkpointing=recipe.train.gradient_checkpointing,
+                        gradient_checkpointing_kwargs=GRADIENT_CHECKPOINTING_KWARGS)
     model = METHODS[recipe.peft.method].apply(model, recipe.peft, ctx)
     float32_trainable(model)
     trainable, total = parameter_counts(model)
@@ -198,65 +196,60 @@ def build_run(recipe: Recipe, recipe_name: str, command: list[str]) -> Run:
 
     made = []  # the raw optimizer: the schedule drives its param groups under every wrapper
 
-    def make_optimizer(prepared_model):
-        made.append(build_optimizer(prepared_model, recipe.train, backend.optimizer_class()))
+    def make_optimizer(prepared_model, optimizer_class=None):
+        made.append(build_optimizer(prepared_model, recipe.train, optimizer_class))
+        made.append(describe_optimizer(made[0]))  # before ZeRO swaps its groups for flat partitions
         return made[0]
 
     model, optimizer = backend.prepare(accelerator, model, make_optimizer)
     scheduler = build_scheduler(made[0], recipe.train, total_steps)
     accelerator.register_for_checkpointing(scheduler)
-    if recipe.distributed.backend == "ddp":
-        install_trainable_only_hooks(accelerator, model_is_partial=trainable < total)
     announce(f"backend: {backend.name}", is_main)
 
-    run_dir, resume_from = _make_run_dir(accelerator, recipe, recipe_name, command)
     if is_main:
         write_json(run_dir / "distributed.json", {
             "world_size": accelerator.num_processes, "num_machines": recipe.distributed.num_machines,
             "gradient_accumulation_steps": plan.accumulation, "mixed_precision": precision,
             "accelerate": {"distributed_type": accelerator.distributed_type.value, "device": str(accelerator.device),
                            "collective_timeout_minutes": recipe.distributed.timeout_minutes},
-            **backend.resolved_config(),
+            "optimizer": made[1],
+            **backend.resolved_config(accelerator),
         })
     return Run(recipe=recipe, accelerator=accelerator, model=model, tokenizer=tokenizer, optimizer=optimizer,
                scheduler=scheduler, data=data, plan=plan, total_steps=total_steps, run_dir=run_dir,
-               trainable_params=trainable, total_params=total, backend=backend, resume_from=resume_from)
+               trainable_params=trainable, total_params=total, backend=backend, resume_from=resume_from,
+               resumed_state=resumed_state)
 
 
-def _choose_run_dir(recipe: Recipe, recipe_name: str) -> tuple[Path, Path | None]:
-    """Main process only: the run folder and the checkpoint to resume from, per train.resume."""
-    resume = recipe.train.resume
-    template = recipe.output.dir
-    if resume == "auto" and "{time}" in template:
-        # A new {time} would never find the interrupted run: continue the newest one with a checkpoint.
-        pattern = template.format(recipe=recipe_name, time="*")
-        candidates = sorted(Path(p) for p in glob.glob(pattern) if complete_checkpoints(Path(p)))
-        run_dir = candidates[-1].resolve() if candidates else render_dir(template, recipe_name).resolve()
-    else:
-        run_dir = render_dir(template, recipe_name).resolve()
-    if resume == "never":
-        check_free(run_dir)
-    return run_dir, find_resume_point(resume, run_dir)
+# Non-reentrant checkpointing works with frozen inputs (adapters) and with DDP, where the reentrant
+# variant raises "parameter marked ready twice". QLoRA passes it on to peft, whose default is reentrant.
+GRADIENT_CHECKPOINTING_KWARGS = {"use_reentrant": False}
 
 
-def _make_run_dir(accelerator, recipe: Recipe, recipe_name: str, command: list[str]) -> tuple[Path, Path | None]:
-    """The main process decides the folder (rendering {time} once) and the resume point; all ranks follow."""
+def _make_run_dir(accelerator, recipe: Recipe, recipe_name: str,
+                  command: list[str]) -> tuple[Path, Path | None, bool]:
+    """The main process decides the folder (rendering {time} once) and the resume point; all ranks follow.
+
+    Returns (run folder, checkpoint to resume from or None, whether that run is already finished).
+    """
     from accelerate.utils import broadcast_object_list
 
-    answer = [None, None, None]
+    answer = [None, None, False, None]
     if accelerator.is_main_process:
         try:
-            run_dir, resume_from = _choose_run_dir(recipe, recipe_name)
-            answer = [str(run_dir), str(resume_from) if resume_from else None, None]
+            choice = choose_run_dir(recipe, recipe_name)
+            announce(choice.reason, True)
+            answer = [str(choice.run_dir), str(choice.checkpoint) if choice.checkpoint else None, choice.finished,
+                      None]
         except UserError as err:
-            answer = [None, None, str(err)]
+            answer = [None, None, False, str(err)]
     if accelerator.num_processes > 1:
         broadcast_object_list(answer, from_process=0)
-    if answer[2]:
-        raise UserError(answer[2])
-    run_dir = Path(answer[0])
+    if answer[3]:
+        raise UserError(answer[3])
+    run_dir, finished = Path(answer[0]), bool(answer[2])
     recipe.output.dir = str(run_dir)
-    if accelerator.is_main_process:
+    if accelerator.is_main_process and not finished:
         run_dir.mkdir(parents=True, exist_ok=True)
         write_resolved_recipe(run_dir, recipe, command or sys.argv)
-    return run_dir, Path(answer[1]) if answer[1] else None
+    return run_dir, Path(answer[1]) if answer[1] else None, finished

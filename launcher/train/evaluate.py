@@ -15,27 +15,33 @@ from launcher.data.batches import collate, count_targets
 
 
 def classification_metrics(confusion: torch.Tensor) -> dict[str, float]:
-    """Accuracy and macro precision, recall and F1 from confusion[true, predicted]."""
+    """Accuracy and macro precision, recall and F1 from confusion[true, predicted].
+
+    Macro averages follow scikit-learn (average="macro", zero_division=0): over the classes that
+    occur in the truth or the predictions of this eval set. A class absent from both says nothing
+    about the model; counting it as 0 would cap a perfect model at (K-1)/K.
+    """
     confusion = confusion.double()
     true_positive = confusion.diag()
     predicted = confusion.sum(0)
     actual = confusion.sum(1)
-    precision = torch.where(predicted > 0, true_positive / predicted.clamp(min=1), torch.zeros_like(predicted))
-    recall = torch.where(actual > 0, true_positive / actual.clamp(min=1), torch.zeros_like(actual))
-    denominator = precision + recall
-    f1 = torch.where(denominator > 0, 2 * precision * recall / denominator.clamp(min=1e-12), torch.zeros_like(denominator))
+    present = (predicted + actual) > 0
+    precision = true_positive / predicted.clamp(min=1)  # 0 where never predicted (tp is 0 there too)
+    recall = true_positive / actual.clamp(min=1)  # 0 where never true
+    # 2tp / (2tp + fp + fn): the harmonic mean of precision and recall, defined for every present class.
+    f1 = 2 * true_positive / (predicted + actual).clamp(min=1)
     return {
         "accuracy": float(true_positive.sum() / confusion.sum()),
-        "precision": float(precision.mean()),
-        "recall": float(recall.mean()),
-        "f1": float(f1.mean()),
+        "precision": float(precision[present].mean()),
+        "recall": float(recall[present].mean()),
+        "f1": float(f1[present].mean()),
     }
 
 
 @torch.no_grad()
 def evaluate(model, dataset, *, accelerator, batch_size: int, pad_token_id: int, num_labels: int | None
              ) -> dict[str, float]:
-    from tqdm.auto import tqdm
+    from launcher.outputs.progress import progress_bar
 
     was_training = model.training
     model.eval()
@@ -46,8 +52,8 @@ def evaluate(model, dataset, *, accelerator, batch_size: int, pad_token_id: int,
     # Every rank runs the same number of forward passes: with sharded parameters (ZeRO-3, FSDP) each
     # forward is a collective, so a rank with fewer examples runs a filler batch and ignores it.
     per_rank = -(-len(dataset) // accelerator.num_processes)
-    progress = tqdm(total=-(-per_rank // batch_size), desc="evaluating", leave=False,
-                    disable=not accelerator.is_main_process, dynamic_ncols=True)
+    progress = progress_bar(-(-per_rank // batch_size), "evaluating", enabled=accelerator.is_main_process,
+                            unit="batches", leave=False, every_percent=None)
     for start in range(0, per_rank, batch_size):
         progress.update(1)
         chunk = indices[start : start + batch_size]

@@ -28,13 +28,20 @@ def layer_scales(model: nn.Module, decay: float) -> dict[str, float]:
     return scales
 
 
+def real_ndim(param: torch.Tensor) -> int:
+    """Dimensions of the whole parameter: under ZeRO-3 the local tensor is an empty 1-D placeholder
+    from the moment the model loads, and its real shape is kept in ds_shape."""
+    shape = getattr(param, "ds_shape", None)
+    return len(shape) if shape is not None else param.ndim
+
+
 def parameter_groups(model: nn.Module, lr: float, weight_decay: float, layer_lr_decay: float) -> list[dict]:
     scale_of = layer_scales(model, layer_lr_decay) if layer_lr_decay < 1.0 else {}
     groups: dict[tuple[float, float], dict] = {}
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
-        decay = 0.0 if param.ndim < 2 or "norm" in name.lower() else weight_decay
+        decay = 0.0 if real_ndim(param) < 2 or "norm" in name.lower() else weight_decay
         scale = scale_of.get(name, 1.0)
         group = groups.setdefault((decay, scale), {"params": [], "weight_decay": decay, "lr": lr * scale, "names": []})
         group["params"].append(param)
@@ -63,3 +70,15 @@ def build_scheduler(optimizer: torch.optim.Optimizer, train_cfg, total_steps: in
     warmup = train_cfg.warmup_steps if train_cfg.warmup_steps is not None else round(train_cfg.warmup_ratio * total_steps)
     name = "constant_with_warmup" if train_cfg.scheduler == "constant" else train_cfg.scheduler
     return get_scheduler(name, optimizer, num_warmup_steps=warmup, num_training_steps=total_steps)
+
+
+def describe_optimizer(optimizer: torch.optim.Optimizer) -> dict:
+    """What the optimizer really is and how its groups are set up (for RUN/distributed.json)."""
+    groups = []
+    for group in optimizer.param_groups:
+        elements = sum(getattr(p, "ds_numel", None) or p.numel() for p in group["params"])
+        groups.append({"lr": group["lr"], "weight_decay": group["weight_decay"], "tensors": len(group["params"]),
+                       "elements": elements})
+    defaults = optimizer.defaults
+    return {"class": f"{type(optimizer).__module__}.{type(optimizer).__name__}",
+            "betas": list(defaults.get("betas", ())), "eps": defaults.get("eps"), "groups": groups}

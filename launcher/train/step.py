@@ -1,0 +1,69 @@
+"""One optimizer step: the micro batches of this rank, their losses and gradients, the update.
+
+Loss normalisation: each optimizer step minimises the mean loss over every target (token, or
+example for classification) of the global batch. The target count is summed over all micro
+batches and ranks first; each micro batch then contributes sum(loss) * world_size / count,
+because every backend averages gradients over ranks. So the update is the same whether the
+global batch is split as 4x1x1, 2x2x1 or 1x2x2 (micro batch x accumulation x world size), which
+a plain mean per micro batch would break whenever micro batches hold different numbers of tokens.
+
+Which examples a step uses is a function of (seed, step) (launcher.data.batches), and which
+micro batch synchronises gradients is decided here, from the current split: so a run resumed
+with another micro batch or world size continues exactly.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn.functional as F
+
+from launcher.data.batches import collate, count_targets
+
+if TYPE_CHECKING:
+    from launcher.train.build import Run
+
+
+@dataclass
+class StepResult:
+    loss: float  # mean loss per target over the global batch
+    tokens: int  # non-padding tokens over all ranks
+    grad_norm: float | None
+    seconds: float
+
+
+def micro_batch_loss(model, batch: dict, normalizer: torch.Tensor, classification: bool) -> torch.Tensor:
+    if classification:
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
+        return F.cross_entropy(logits, batch["labels"], reduction="sum") / normalizer
+    # transformers sums the token losses and divides by num_items_in_batch (peft prepends ignored
+    # labels for virtual tokens, so prompt and prefix tuning count the same targets).
+    return model(**batch, num_items_in_batch=normalizer).loss
+
+
+def train_step(run: Run, step: int) -> StepResult:
+    """Run optimizer step `step` (1-based) on every rank; the schedule advances once."""
+    acc, backend = run.accelerator, run.backend
+    started = time.perf_counter()
+    batches = [collate(run.data.train.select(idx), run.tokenizer.pad_token_id)
+               for idx in run.plan.micro_batches(step - 1)]
+    local = torch.tensor([sum(count_targets(b["labels"]) for b in batches),
+                          sum(int(b["attention_mask"].sum()) for b in batches)], dtype=torch.float64,
+                         device=acc.device)
+    targets, tokens = acc.reduce(local.clone(), reduction="sum").tolist()
+    normalizer = torch.tensor(max(targets, 1.0) / acc.num_processes, device=acc.device)
+    loss_sum = torch.zeros((), dtype=torch.float64, device=acc.device)
+    classification = run.num_labels is not None
+    for i, batch in enumerate(batches):
+        batch = {k: v.to(acc.device) for k, v in batch.items()}
+        backend.sync_gradients(acc, run.model, sync=i == len(batches) - 1)  # before the forward: DDP reads it there
+        loss = micro_batch_loss(run.model, batch, normalizer, classification)
+        backend.backward(acc, loss)
+        loss_sum += loss.detach().double() * normalizer
+    grad_norm = backend.optimizer_step(acc, run.model, run.optimizer, run.recipe.train.max_grad_norm)
+    run.scheduler.step()
+    loss = float(acc.reduce(loss_sum, reduction="sum")) / max(targets, 1.0)
+    return StepResult(loss=loss, tokens=int(tokens), grad_norm=grad_norm, seconds=time.perf_counter() - started)

@@ -1,10 +1,11 @@
-"""`tunefleet`: run, validate, list recipes, describe keys, merge adapters.
+"""`tunefleet`: run, submit to Slurm, validate, list recipes, describe keys, merge adapters.
 
     tunefleet run recipe=lora train.lr=2e-4 distributed.num_processes=2
+    tunefleet submit recipe=lora cluster=NAME slurm.nodes=2 [--dry-run]
     tunefleet validate recipe=qlora
     tunefleet recipes
     tunefleet keys [section]
-    tunefleet merge runs/lora-20261122-101500
+    tunefleet merge runs/lora-20261122-101500 [--dtype bfloat16]
 """
 
 from __future__ import annotations
@@ -107,7 +108,9 @@ def run_workers(argv: list[str], env: dict[str, str]) -> int:
         # the workers, and the workers watch this pid too (launcher/distributed/lifetime.py).
         child = subprocess.Popen(argv, env={**env, "TUNEFLEET_STATUS_FILE": str(status_file),
                                             LAUNCHER_PID_ENV: str(os.getpid())}, preexec_fn=agent_preexec())
-        previous = {sig: signal.signal(sig, lambda signum, _: child.send_signal(signum)) for sig in STOP_SIGNALS}
+        # Every stop signal reaches the agent as SIGTERM: torchrun forwards SIGTERM to its workers, but
+        # SIGUSR1's default action would kill the agent and, with it, the workers before they checkpoint.
+        previous = {sig: signal.signal(sig, lambda signum, _: child.send_signal(signal.SIGTERM)) for sig in STOP_SIGNALS}
         try:
             try:
                 code = child.wait()
@@ -159,7 +162,13 @@ def cmd_merge(words: list[str]) -> int:
     return 0
 
 
-COMMANDS = {"run": cmd_run, "validate": cmd_validate, "recipes": cmd_recipes, "keys": cmd_keys, "merge": cmd_merge}
+def cmd_submit(words: list[str]) -> int:
+    from launcher.cluster.submit import cmd_submit as submit
+
+    return submit(words)
+
+
+COMMANDS = {"run": cmd_run, "submit": cmd_submit, "validate": cmd_validate, "recipes": cmd_recipes, "keys": cmd_keys, "merge": cmd_merge}
 
 
 def main(argv: list[str] | None = None) -> int:

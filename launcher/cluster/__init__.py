@@ -1,0 +1,1 @@
+"""Running recipes as cluster jobs: Slurm environment, per-node launch, job supervision, sbatch rendering."""

@@ -1,0 +1,89 @@
+"""The batch script's share of a Slurm job: run the training step, relay stop signals, requeue.
+
+    exec python -m launcher.cluster.job recipe=lora ...   (the last line of slurm/*.sbatch)
+
+Why Python and not bash: a bash `trap` does not run while a foreground child runs, and getting
+`srun ... & wait` right (wait returns early on every trapped signal) is where hand-written scripts
+go wrong. Here:
+
+1. The job runs one task per node: `srun --ntasks-per-node=1 python -m launcher.cluster.node WORDS`.
+2. Slurm's warning before the time limit (`--signal=B:USR1@SECONDS`: B: makes it reach this
+   process only) or a SIGTERM is relayed to the step as SIGTERM, which srun forwards to every node;
+   torchrun's agent forwards SIGTERM (not SIGUSR1, whose default action would kill it) to the
+   workers, which finish their step, checkpoint and exit 75. torchrun SIGKILLs workers 30 s after
+   SIGTERM, so one step plus one checkpoint must fit in 30 s; the warning must come early enough for
+   that (see slurm/README.md).
+3. Exit 75 (checkpoint written) requeues the job with `scontrol requeue`, at most
+   TUNEFLEET_MAX_RESTARTS times; the requeued job continues with train.resume=auto. Any other failure
+   ends the job with that status: it is not requeued.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+
+from launcher.cluster.slurm_env import SlurmJob
+from launcher.errors import UserError
+from launcher.train.preemption import PREEMPTED_EXIT_CODE
+
+RELAYED = (signal.SIGUSR1, signal.SIGTERM)
+
+
+def step_command(words: list[str], job: SlurmJob) -> list[str]:
+    return ["srun", "--kill-on-bad-exit=1", f"--nodes={job.num_nodes}", "--ntasks-per-node=1",
+            sys.executable, "-m", "launcher.cluster.node", *words]
+
+
+def fixed_run_folder(words: list[str], job: SlurmJob) -> list[str]:
+    """A requeued job must find its own run: a {time} folder is named after the job id instead."""
+    from launcher.config.load import load_recipe
+
+    name, recipe = load_recipe(words)
+    template = recipe.output.dir
+    if "{time}" not in template:
+        return words
+    return [*words, "output.dir=" + template.replace("{time}", f"job{job.job_id}").replace("{recipe}", name)]
+
+
+def main(argv: list[str] | None = None) -> int:
+    words = list(sys.argv[1:] if argv is None else argv)
+    try:
+        job = SlurmJob.from_environ()
+        words = fixed_run_folder(words, job)
+    except UserError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return err.exit_code
+    max_restarts = int(os.environ.get("TUNEFLEET_MAX_RESTARTS", "3"))
+    print(f"[tunefleet] job {job.job_id} on {job.num_nodes} node(s) {','.join(job.hosts)}, "
+          f"restart {job.restart_count} of at most {max_restarts}", flush=True)
+    step = subprocess.Popen(step_command(words, job))
+
+    def relay(signum, _frame) -> None:
+        print(f"[tunefleet] {signal.Signals(signum).name}: asking every rank to finish its step, write a checkpoint "
+              "and stop", flush=True)
+        step.send_signal(signal.SIGTERM)  # srun forwards it to the task on every node
+
+    for sig in RELAYED:
+        signal.signal(sig, relay)
+    code = step.wait()
+    if code != PREEMPTED_EXIT_CODE:
+        print(f"[tunefleet] training step ended with status {code}", flush=True)
+        return code
+    if job.restart_count >= max_restarts:
+        print(f"[tunefleet] checkpoint written, but the job has been requeued {job.restart_count} times already "
+              f"(TUNEFLEET_MAX_RESTARTS={max_restarts}): not requeueing; resubmit to continue", flush=True)
+        return code
+    print(f"[tunefleet] checkpoint written: requeueing job {job.job_id} (restart {job.restart_count + 1}); "
+          "it continues with train.resume=auto", flush=True)
+    done = subprocess.run(["scontrol", "requeue", str(job.job_id)], capture_output=True, text=True)
+    if done.returncode != 0:
+        print(f"error: scontrol requeue failed: {done.stderr.strip()}", file=sys.stderr)
+        return code
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

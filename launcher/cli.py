@@ -2,6 +2,10 @@
 
     tunefleet run recipe=lora train.lr=2e-4 distributed.num_processes=2
     tunefleet submit recipe=lora cluster=NAME slurm.nodes=2 [--dry-run]
+    tunefleet submit recipe=lora,qlora train.lr=1e-4,2e-4 cluster=NAME      (a sweep: one job array)
+    tunefleet status SWEEP_OR_RUN [--watch [SECONDS]]
+    tunefleet cancel SWEEP_OR_RUN
+    tunefleet collect SWEEP
     tunefleet validate recipe=qlora
     tunefleet recipes
     tunefleet keys [section]
@@ -168,7 +172,25 @@ def cmd_submit(words: list[str]) -> int:
     return submit(words)
 
 
-COMMANDS = {"run": cmd_run, "submit": cmd_submit, "validate": cmd_validate, "recipes": cmd_recipes, "keys": cmd_keys, "merge": cmd_merge}
+def cmd_status(words: list[str]) -> int:
+    from launcher.cluster.status import cmd_status as status
+
+    return status(words)
+
+
+def cmd_cancel(words: list[str]) -> int:
+    from launcher.cluster.status import cmd_cancel as cancel
+
+    return cancel(words)
+
+
+def cmd_collect(words: list[str]) -> int:
+    from launcher.cluster.collect import cmd_collect as collect
+
+    return collect(words)
+
+
+COMMANDS = {"run": cmd_run, "submit": cmd_submit, "status": cmd_status, "cancel": cmd_cancel, "collect": cmd_collect, "validate": cmd_validate, "recipes": cmd_recipes, "keys": cmd_keys, "merge": cmd_merge}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -304,3 +304,26 @@ def test_a_stop_signal_on_a_checkpoint_step_writes_that_checkpoint_once(tiny_lla
     status = json.loads((tmp_path / "run" / "status.json").read_text())
     assert status["state"] == "interrupted" and status["step"] == 2 and status["signal"] == "SIGTERM"
     assert [p.name for p in complete_checkpoints(tmp_path / "run")] == ["step-00000002"]
+
+
+@pytest.mark.slow
+def test_sigusr1_to_the_launcher_alone_checkpoints_every_rank(tiny_llama, tmp_path):
+    """Slurm's time-limit warning may be USR1, sent to the launcher only: torchrun's agent would die of
+    it, so the launcher passes it on as SIGTERM, which the agent forwards to its workers."""
+    from launcher.distributed.rendezvous import free_port
+
+    run_dir = tmp_path / "run"
+    child = subprocess.Popen([sys.executable, "-m", "launcher.cli", "run", "recipe=lora", f"model.name={tiny_llama}",
+                              "train.max_steps=400", "eval.every_steps=null", "eval.at_start=false",
+                              "eval.sample_prompts=[]", "data.max_samples=400", "distributed.num_processes=2",
+                              f"distributed.main_process_port={free_port()}", f"output.dir={run_dir}"],
+                             cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.PIPE,
+                             stderr=subprocess.STDOUT, text=True)
+    metrics = run_dir / "metrics.jsonl"
+    assert wait_for(lambda: metrics.exists() and len(metrics.read_text().splitlines()) >= 2, 120)
+    child.send_signal(signal.SIGUSR1)
+    output, _ = child.communicate(timeout=120)
+    assert child.returncode == PREEMPTED_EXIT_CODE, output[-3000:]
+    [checkpoint] = complete_checkpoints(run_dir)
+    assert json.loads((run_dir / "status.json").read_text())["state"] == "interrupted"
+    assert json.loads((checkpoint / "trainer_state.json").read_text())["world_size"] == 2

@@ -84,13 +84,13 @@ def test_unknown_cluster_lists_the_shipped_ones():
 def test_dry_run_plan_fixes_the_folder_and_keeps_secrets_out(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_TOKEN", "hf_verysecret")
     monkeypatch.setenv("WANDB_API_KEY", "wandb_secret")
-    sub, dry = plan(["recipe=lora", "cluster=local", "slurm.nodes=2", f"output.dir={tmp_path}/r-{{time}}",
-                     "--dry-run"])
-    assert dry and sub.profile.nodes == 2 and sub.run_dir.parent == tmp_path and "{time}" not in str(sub.run_dir)
-    assert f"output.dir={sub.run_dir}" in sub.words and "distributed.num_machines=2" in sub.words
+    sub = plan(["recipe=lora", "cluster=local", "slurm.nodes=2", f"output.dir={tmp_path}/r-{{time}}", "--dry-run"])
+    [run] = sub.runs
+    assert sub.dry_run and sub.profile.nodes == 2 and run.run_dir.parent == tmp_path and "{time}" not in str(run.run_dir)
+    assert f"output.dir={run.run_dir}" in run.words and "distributed.num_machines=2" in run.words
     text = sub.script + " ".join(sub.sbatch_argv) + sub.node_preview
     assert "hf_verysecret" not in text and "wandb_secret" not in text
-    assert not sub.run_dir.exists(), "a dry run writes nothing"
+    assert not run.run_dir.exists(), "a dry run writes nothing"
 
 
 def test_a_bad_recipe_is_refused_before_anything_is_submitted(tmp_path):

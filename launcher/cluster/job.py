@@ -24,6 +24,7 @@ import os
 import signal
 import subprocess
 import sys
+from pathlib import Path
 
 from launcher.cluster.slurm_env import SlurmJob
 from launcher.errors import UserError
@@ -48,11 +49,33 @@ def fixed_run_folder(words: list[str], job: SlurmJob) -> list[str]:
     return [*words, "output.dir=" + template.replace("{time}", f"job{job.job_id}").replace("{recipe}", name)]
 
 
+def sweep_task_words(words: list[str], environ=os.environ) -> list[str]:
+    """For a task of a sweep's job array: its run's words from the manifest, and its output from
+    now on appended to the run's own log (one folder per run, across requeues)."""
+    from launcher.cluster.submit import SWEEP_TASK_FLAG
+    from launcher.cluster.sweep import read_manifest
+
+    if SWEEP_TASK_FLAG not in words:
+        return words
+    at = words.index(SWEEP_TASK_FLAG)
+    sweep_dir = Path(words[at + 1])
+    run = read_manifest(sweep_dir)["runs"][int(environ["SLURM_ARRAY_TASK_ID"])]
+    log = Path(run["run_dir"]) / "slurm" / f"slurm-{environ['SLURM_ARRAY_JOB_ID']}_{environ['SLURM_ARRAY_TASK_ID']}.out"
+    log.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.dup2(fd, 1)  # the training step inherits these: its output lands in the run's folder too
+    os.dup2(fd, 2)
+    os.close(fd)
+    return [*words[:at], *run["words"], *words[at + 2:]]
+
+
 def main(argv: list[str] | None = None) -> int:
     words = list(sys.argv[1:] if argv is None else argv)
     try:
         job = SlurmJob.from_environ()
-        words = fixed_run_folder(words, job)
+        words = fixed_run_folder(sweep_task_words(words), job)
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         return err.exit_code

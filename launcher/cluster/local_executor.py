@@ -1,0 +1,109 @@
+"""The local executor: a sweep's runs on this machine, N at a time, with the same manifest,
+`status`, `cancel` and `collect` as on Slurm.
+
+    tunefleet submit recipe=lora train.lr=1e-4,2e-4,4e-4 executor=local local.parallel=1
+
+`submit` writes the manifest and starts a detached supervisor (this module) that outlives the
+terminal: it starts each run as `tunefleet run WORDS` (output appended to RUN/local.log), keeps at
+most `parallel` running, and records pids and states in the manifest, of which it is the only
+writer while it lives. `tunefleet cancel` sends it SIGTERM: it passes SIGTERM to the runs (each
+checkpoints and stops), marks what never started as cancelled, and exits.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from launcher.cluster.sweep import read_manifest, write_manifest
+
+POLL_S = 1.0
+
+
+def start_supervisor(sweep_dir: Path, parallel: int) -> int:
+    log = open(Path(sweep_dir) / "local-executor.log", "a")
+    child = subprocess.Popen([sys.executable, "-m", "launcher.cluster.local_executor", str(sweep_dir), str(parallel)],
+                             stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
+    return child.pid
+
+
+def alive(pid: int | None) -> bool:
+    if not pid:
+        return False
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def queue_states(manifest: dict) -> dict[str, dict]:
+    """What the supervisor reports, in the form slurm_executor.queue_states gives."""
+    supervisor = alive(manifest.get("supervisor_pid"))
+    states = {}
+    for record in manifest["runs"]:
+        job = record.get("job_id")
+        if record.get("state") == "running" and alive(record.get("pid")):
+            states[job] = {"state": "running", "reason": ""}
+        elif record.get("state") == "queued" and supervisor:
+            states[job] = {"state": "pending", "reason": "waiting for a free slot"}
+    return states
+
+
+def supervise(sweep_dir: Path, parallel: int) -> int:
+    manifest = read_manifest(sweep_dir)
+    manifest["supervisor_pid"] = os.getpid()
+    write_manifest(sweep_dir, manifest)
+    running: dict[int, tuple[dict, subprocess.Popen]] = {}
+    stopping = []
+    signal.signal(signal.SIGTERM, lambda *_: stopping.append(True))
+    queue = [r for r in manifest["runs"] if r.get("state") == "queued"]
+    while queue or running:
+        if stopping:
+            for record, child in running.values():
+                child.send_signal(signal.SIGTERM)  # each run checkpoints after its step and exits 75
+            for record in queue:
+                record["state"] = "cancelled"
+            queue = []
+            for record, child in running.values():
+                child.wait()
+                record["state"] = "cancelled"
+            running = {}
+            break
+        while queue and len(running) < parallel:
+            record = queue.pop(0)
+            log = open(Path(record["run_dir"]) / "local.log", "a")
+            child = subprocess.Popen([sys.executable, "-m", "launcher.cli", "run", *record["words"]],
+                                     stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+            record.update(state="running", pid=child.pid, started=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+            running[child.pid] = (record, child)
+            write_manifest(sweep_dir, manifest)
+        for pid, (record, child) in list(running.items()):
+            code = child.poll()
+            if code is not None:
+                record.update(state="finished" if code == 0 else "failed", exit_code=code)
+                del running[pid]
+                write_manifest(sweep_dir, manifest)
+        time.sleep(POLL_S)
+    write_manifest(sweep_dir, manifest)
+    return 0
+
+
+def submit(sweep_dir: Path, manifest: dict, parallel: int) -> None:
+    for i, record in enumerate(manifest["runs"]):
+        record.update(job_id=f"local-{i}", state="queued")
+    write_manifest(sweep_dir, manifest)
+    start_supervisor(sweep_dir, parallel)  # it records its own pid in the manifest
+
+
+def cancel(manifest: dict) -> None:
+    if alive(manifest.get("supervisor_pid")):
+        os.kill(manifest["supervisor_pid"], signal.SIGTERM)
+
+
+if __name__ == "__main__":
+    sys.exit(supervise(Path(sys.argv[1]), int(sys.argv[2])))

@@ -1,0 +1,106 @@
+"""Sweeps: a grid of runs from comma lists, each in its own folder, recorded in one manifest.
+
+    tunefleet submit recipe=lora,qlora train.lr=1e-4,2e-4,4e-4      # 6 runs: the grid
+
+A word whose value holds top-level commas (`key=a,b,c`) is a sweep axis; brackets and quotes keep
+their commas (`peft.target_modules=[q_proj,v_proj]` is one value). Each run's folder is named
+after the values that differ between runs, inside the sweep folder, and SWEEP/manifest.json
+records every run: its words, folder, job id, state and restarts. The manifest is the one record
+that `tunefleet status`, `cancel` and `collect` read.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import re
+import time
+from pathlib import Path
+
+from launcher.errors import UserError
+
+MANIFEST = "manifest.json"
+
+
+def split_values(value: str) -> list[str]:
+    """Top-level comma-separated values; commas inside [], {}, () or quotes belong to one value."""
+    values, depth, quote, current = [], 0, None, ""
+    for char in value:
+        if quote:
+            quote = None if char == quote else quote
+        elif char in "\"'":
+            quote = char
+        elif char in "[{(":
+            depth += 1
+        elif char in "]})":
+            depth -= 1
+        elif char == "," and depth == 0:
+            values.append(current)
+            current = ""
+            continue
+        current += char
+    values.append(current)
+    return values
+
+
+def expand_grid(words: list[str]) -> list[dict[str, str]]:
+    """Every combination of the axes, as ordered {key: value} (keys in the order given)."""
+    axes: list[tuple[str, list[str]]] = []
+    for word in words:
+        key, sep, value = word.partition("=")
+        if not sep:
+            raise UserError(f"'{word}' is not key=value")
+        values = split_values(value)
+        if any(v == "" for v in values) and len(values) > 1:
+            raise UserError(f"{word}: an empty value in a comma list (a trailing comma?)")
+        axes.append((key, values))
+    return [dict(zip((k for k, _ in axes), combo)) for combo in itertools.product(*(v for _, v in axes))]
+
+
+def varying_keys(runs: list[dict[str, str]]) -> list[str]:
+    keys = list(runs[0]) if runs else []
+    return [k for k in keys if len({run.get(k) for run in runs}) > 1]
+
+
+def run_name(run: dict[str, str], varying: list[str]) -> str:
+    """A folder name from the values that differ: `recipe-qlora_lr-2e-4` (safe characters only)."""
+    parts = []
+    for key in varying:
+        short = key.rsplit(".", 1)[-1]
+        value = re.sub(r"[^A-Za-z0-9.+-]+", "-", run[key]).strip("-") or "empty"
+        parts.append(f"{short}-{value}")
+    return "_".join(parts)[:120] or "run"
+
+
+def unique_names(runs: list[dict[str, str]]) -> list[str]:
+    varying = varying_keys(runs)
+    names = [run_name(run, varying) for run in runs]
+    seen: dict[str, int] = {}
+    for i, name in enumerate(names):
+        if names.count(name) > 1:  # values that differ only in characters a folder name drops
+            seen[name] = seen.get(name, 0) + 1
+            names[i] = f"{name}-{seen[name]}"
+    return names
+
+
+def new_manifest(sweep_dir: Path, runs: list[dict], executor: str) -> dict:
+    return {"sweep_dir": str(sweep_dir), "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "executor": executor,
+            "runs": runs}
+
+
+def write_manifest(sweep_dir: Path, manifest: dict) -> None:
+    from launcher.outputs.atomic import write_text_atomic
+
+    write_text_atomic(Path(sweep_dir) / MANIFEST, json.dumps(manifest, indent=1) + "\n")
+
+
+def read_manifest(path: Path) -> dict:
+    """The manifest of a sweep folder, or a one-run manifest for a run folder submitted alone."""
+    path = Path(path)
+    if (path / MANIFEST).is_file():
+        return json.loads((path / MANIFEST).read_text())
+    if (path / "submission.json").is_file():
+        record = json.loads((path / "submission.json").read_text())
+        return {"sweep_dir": None, "executor": record.get("executor", "slurm"),
+                "runs": [{"name": path.name, "run_dir": str(path), "overrides": {}, **record}]}
+    raise UserError(f"{path} is neither a sweep folder (no {MANIFEST}) nor a submitted run (no submission.json)")

@@ -94,11 +94,14 @@ def shell_command(argv: list[str], env: dict[str, str]) -> str:
     return " ".join([*(f"{k}={shlex.quote(v)}" for k, v in env.items()), shlex.join(argv)])
 
 
-def run_workers(argv: list[str], env: dict[str, str]) -> int:
+def run_workers(argv: list[str], env: dict[str, str], relay_stop_signals: bool = True) -> int:
     """Run the launcher; pass stop signals on; report preemption with its own exit code.
 
     torchrun turns any worker's non-zero exit into its own status 1, so the main worker also
-    writes its outcome to TUNEFLEET_STATUS_FILE, which we read back here.
+    writes its outcome to TUNEFLEET_STATUS_FILE, which we read back here. Inside a Slurm step
+    (`relay_stop_signals=False`) Slurm delivers a stop signal to every process of the step, the
+    agent included: relaying it too would hit the agent twice, and a second SIGTERM during its
+    shutdown crashes it, so the signal is only noted here.
     """
     import signal
     import tempfile
@@ -114,7 +117,8 @@ def run_workers(argv: list[str], env: dict[str, str]) -> int:
                                             LAUNCHER_PID_ENV: str(os.getpid())}, preexec_fn=agent_preexec())
         # Every stop signal reaches the agent as SIGTERM: torchrun forwards SIGTERM to its workers, but
         # SIGUSR1's default action would kill the agent and, with it, the workers before they checkpoint.
-        previous = {sig: signal.signal(sig, lambda signum, _: child.send_signal(signal.SIGTERM)) for sig in STOP_SIGNALS}
+        relay = (lambda signum, _: child.send_signal(signal.SIGTERM)) if relay_stop_signals else (lambda *_: None)
+        previous = {sig: signal.signal(sig, relay) for sig in STOP_SIGNALS}
         try:
             try:
                 code = child.wait()

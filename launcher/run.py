@@ -52,7 +52,8 @@ def write_status(status: str) -> None:
     and this worker is stopping on its own: that must not turn a clean stop into a crash.
     """
     status_file = os.environ.get("TUNEFLEET_STATUS_FILE")
-    if not status_file or os.environ.get("RANK") not in (None, "0"):
+    # Each machine has its own launcher and its own status file: its first local worker answers it.
+    if not status_file or os.environ.get("LOCAL_RANK", os.environ.get("RANK")) not in (None, "0"):
         return
     try:
         with open(status_file, "w") as f:

@@ -8,7 +8,8 @@ go wrong. Here:
 
 1. The job runs one task per node: `srun --ntasks-per-node=1 python -m launcher.cluster.node WORDS`.
 2. Slurm's warning before the time limit (`--signal=B:USR1@SECONDS`: B: makes it reach this
-   process only) or a SIGTERM is relayed to the step as SIGTERM, which srun forwards to every node;
+   process only) or a SIGTERM is relayed to the step's task on every node as SIGTERM (by
+   `scancel --signal`: srun itself would terminate the step);
    torchrun's agent forwards SIGTERM (not SIGUSR1, whose default action would kill it) to the
    workers, which finish their step, checkpoint and exit 75. torchrun SIGKILLs workers 30 s after
    SIGTERM, so one step plus one checkpoint must fit in 30 s; the warning must come early enough for
@@ -42,7 +43,7 @@ def fixed_run_folder(words: list[str], job: SlurmJob) -> list[str]:
     """A requeued job must find its own run: a {time} folder is named after the job id instead."""
     from launcher.config.load import load_recipe
 
-    name, recipe = load_recipe(words)
+    name, recipe = load_recipe([*words, f"distributed.main_process_ip={job.head}"])  # as each node will see it
     template = recipe.output.dir
     if "{time}" not in template:
         return words
@@ -71,6 +72,20 @@ def sweep_task_words(words: list[str], environ=os.environ) -> list[str]:
     return [*words[:at], *run["words"], *words[at + 2:]]
 
 
+def signal_step(job: SlurmJob, step: subprocess.Popen) -> None:
+    """SIGTERM to the training step's task on every node, through Slurm.
+
+    Not to srun itself: srun answers a SIGTERM by terminating the step, and its tasks die
+    (status 137) before they can checkpoint. `scancel --signal` delivers the signal and nothing more.
+    """
+    listed = subprocess.run(["squeue", "-h", "-s", "-j", str(job.job_id), "-o", "%i"], capture_output=True, text=True)
+    steps = [s for s in listed.stdout.split() if s.partition(".")[2].isdigit()]
+    if steps:
+        subprocess.run(["scancel", "--signal=TERM", *steps], capture_output=True, text=True)
+    else:
+        step.send_signal(signal.SIGTERM)
+
+
 def main(argv: list[str] | None = None) -> int:
     words = list(sys.argv[1:] if argv is None else argv)
     try:
@@ -87,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
     def relay(signum, _frame) -> None:
         print(f"[tunefleet] {signal.Signals(signum).name}: asking every rank to finish its step, write a checkpoint "
               "and stop", flush=True)
-        step.send_signal(signal.SIGTERM)  # srun forwards it to the task on every node
+        signal_step(job, step)
 
     for sig in RELAYED:
         signal.signal(sig, relay)

@@ -5,8 +5,9 @@
 Runs once per node inside the job step, so SLURM_NODEID is this node's own index. The node joins
 the run as machine `SLURM_NODEID` of `SLURM_NNODES`, with the first node of the allocation as the
 rendezvous host and a port derived from the job id (static ranks: no arrival-order surprises).
-Stop signals reach this process from srun and are passed to accelerate's agent as SIGTERM, which
-forwards them to the workers (launcher.cli.run_workers).
+A stop reaches every process of the step from Slurm (`scancel --signal=TERM` on the step, or the
+scheduler's own SIGTERM before preemption): the agent, which shuts its workers down, and the
+workers, which finish their step, checkpoint and exit 75. This process only waits.
 """
 
 from __future__ import annotations
@@ -47,7 +48,8 @@ def main(argv: list[str] | None = None) -> int:
         argv_cmd, extra_env = accelerate_command(recipe, words, has_gpu=torch.cuda.is_available(), environ=os.environ)
         if job.node_id == 0:
             print("[tunefleet] launching on each node: " + shell_command(argv_cmd, extra_env), flush=True)
-        return run_workers(argv_cmd, {**os.environ, **extra_env})
+        # Slurm signals every process of the step itself (launcher.cluster.job): nothing to relay.
+        return run_workers(argv_cmd, {**os.environ, **extra_env}, relay_stop_signals=False)
     except UserError as err:
         print(f"error (node {os.environ.get('SLURM_NODEID', '?')}): {err}", file=sys.stderr)
         return err.exit_code

@@ -1,0 +1,181 @@
+"""Against a real Slurm: two slurmd "nodes" and a slurmctld on this machine, started by the tests
+themselves (slurm/local-cluster.sh; installed first where missing). Marked `slurm` and `slow`.
+
+Covers: a 2-node run forms one world-size-2 group and trains what one machine with two processes
+trains (DDP, ZeRO-3, FSDP2); a sweep as a job array watched through status and collected; a
+multi-node job warned before its time limit checkpoints, requeues itself, resumes and ends with the
+uninterrupted run's adapter; cancel; a failing run reported with its log tail and not requeued.
+"""
+
+import csv
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from launcher.distributed.rendezvous import free_port
+from tests.helpers import read_jsonl
+
+ROOT = Path(__file__).resolve().parents[1]
+pytestmark = [pytest.mark.slurm, pytest.mark.slow]
+# One process per node; global batch 4 = micro 2 x accumulation 1 x 2 ranks; dropout off so runs agree.
+TRAIN = ["peft.dropout=0", "train.global_batch_size=4", "train.micro_batch_size=2", "eval.every_steps=null",
+         "eval.at_start=false", "eval.sample_prompts=[]", "data.max_samples=200", "data.max_eval_samples=16"]
+BACKENDS = {"ddp": [], "zero3": ["distributed.backend=deepspeed", "distributed.config=zero3"],
+            "fsdp": ["distributed.backend=fsdp"]}
+
+
+@pytest.fixture(scope="module")
+def slurm():
+    from tests.slurm_cluster import ensure_cluster, stop_cluster
+
+    env, started = ensure_cluster()
+    yield env
+    if started:
+        stop_cluster()
+
+
+def cli(env, *words, timeout=120) -> subprocess.CompletedProcess:
+    done = subprocess.run([sys.executable, "-m", "launcher.cli", *words], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=timeout)
+    return done
+
+
+def submit(env, *words) -> str:
+    done = cli(env, "submit", *words)
+    assert done.returncode == 0, done.stdout + done.stderr
+    return done.stdout.split("submitted job ")[1].split(":")[0].split()[0]
+
+
+def job_env(slurm) -> dict:
+    return {**os.environ, **slurm, "OMP_NUM_THREADS": "1"}
+
+
+def wait_state(env, path: Path, wanted: set[str], timeout: float) -> str:
+    deadline, table = time.time() + timeout, ""
+    while time.time() < deadline:
+        table = cli(env, "status", str(path)).stdout
+        states = {line.split()[3] for line in table.splitlines()[1:] if len(line.split()) > 3}
+        if states and states <= wanted:
+            return table
+        time.sleep(2)
+    raise AssertionError(f"not {wanted} after {timeout} s:\n{table}\n" + "".join(
+        p.read_text()[-3000:] for p in path.rglob("slurm-*.out")))
+
+
+def single_machine(tiny_llama, out: Path, *words) -> None:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, "-m", "launcher.cli", "run", "recipe=lora", f"model.name={tiny_llama}",
+                           *TRAIN, *words, "distributed.num_processes=2", f"distributed.main_process_port={free_port()}",
+                           f"output.dir={out}"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+
+
+def assert_same_adapter(a: Path, b: Path) -> None:
+    x, y = (load_file(str(d / "final" / "adapter_model.safetensors")) for d in (a, b))
+    assert x.keys() == y.keys() and x
+    for key in x:
+        torch.testing.assert_close(y[key], x[key], atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("backend", list(BACKENDS))
+def test_two_nodes_train_what_one_machine_with_two_processes_trains(backend, slurm, tiny_llama, tmp_path):
+    env = job_env(slurm)
+    run_dir = tmp_path / "slurm-run"
+    submit(env, "recipe=lora", f"model.name={tiny_llama}", *TRAIN, "train.max_steps=3", *BACKENDS[backend],
+           "cluster=local", "slurm.nodes=2", f"output.dir={run_dir}")
+    wait_state(env, run_dir, {"finished", "failed"}, 300)
+    ranks = [json.loads(p.read_text()) for p in sorted((run_dir / "ranks").glob("rank*.json"))]
+    assert [r["world_size"] for r in ranks] == [2, 2] and [r["rank"] for r in ranks] == [0, 1]
+    log = next((run_dir / "slurm").glob("slurm-*.out")).read_text()
+    assert "node 0 of 2" in log and "node 1 of 2" in log
+    single_machine(tiny_llama, tmp_path / "one-machine", "train.max_steps=3", *BACKENDS[backend])
+    assert_same_adapter(tmp_path / "one-machine", run_dir)
+
+
+def test_sweep_runs_as_an_array_and_is_collected(slurm, tiny_llama, tmp_path):
+    env = job_env(slurm)
+    sweep = tmp_path / "sweep"
+    done = cli(env, "submit", "recipe=lora", f"model.name={tiny_llama}", *TRAIN, "train.max_steps=4",
+               "eval.every_steps=2", "train.lr=1e-3,3e-3,1e-2,3e-2", "cluster=local", "slurm.array_parallelism=2",
+               f"sweep.dir={sweep}")
+    assert done.returncode == 0 and "job array" in done.stdout, done.stderr
+    script = (sweep / "slurm" / "job.sbatch").read_text()
+    manifest = json.loads((sweep / "manifest.json").read_text())
+    assert len(manifest["runs"]) == 4 and all("_" in r["job_id"] for r in manifest["runs"])
+    first = cli(env, "status", str(sweep)).stdout
+    assert "pending" in first or "running" in first, first
+    wait_state(env, sweep, {"finished"}, 400)
+    assert cli(env, "collect", str(sweep)).returncode == 0
+    rows = list(csv.DictReader((sweep / "results.csv").open()))
+    assert len(rows) == 4
+    for row in rows:
+        own = json.loads((sweep / row["run"] / "metrics.json").read_text())
+        assert float(row["value"]) == pytest.approx(own["best"]["value"])
+        assert list((sweep / row["run"] / "slurm").glob("slurm-*_*.out")), "each run logs into its own folder"
+    assert "#SBATCH" in script
+
+
+def test_a_job_warned_before_its_time_limit_checkpoints_requeues_and_matches(slurm, tiny_llama, tmp_path):
+    env = job_env(slurm)
+    run_dir = tmp_path / "preempted"
+    words = ["recipe=lora", f"model.name={tiny_llama}", *TRAIN, "train.max_steps=60", "data.max_samples=400"]
+    job = submit(env, *words, "cluster=local", "slurm.nodes=2", f"output.dir={run_dir}")
+    metrics = run_dir / "metrics.jsonl"
+    deadline = time.time() + 180
+    while time.time() < deadline and not (metrics.exists() and len(metrics.read_text().splitlines()) >= 5):
+        time.sleep(0.5)
+    # What Slurm does N seconds before the time limit with --signal=B:USR1@N.
+    subprocess.run(["scancel", "--signal=USR1", "--batch", job], env=env, check=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and "Restarts=1" not in _job(env, job):
+        time.sleep(0.5)
+    assert "Restarts=1" in _job(env, job), "the job did not requeue itself"
+    # Slurm holds a requeued job for about two minutes before it is eligible again; don't wait for that here.
+    subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], env=env, check=True)
+    wait_state(env, run_dir, {"finished"}, 300)
+    log = "".join(p.read_text() for p in (run_dir / "slurm").glob("slurm-*.out"))
+    assert "requeueing job" in log and "restart 1" in log, log[-3000:]
+    assert "resumed from" in log and "Traceback" not in log, log[-3000:]
+    stopped = re.search(r"checkpoint \S+/step-(\d+) written after step", log)
+    assert stopped and 5 <= int(stopped.group(1)) < 60, "stopped mid-training, not at the end"
+    steps = [r["step"] for r in read_jsonl(metrics) if "loss" in r]
+    assert steps == sorted(set(steps)) and steps[-1] == 60
+    single_machine(tiny_llama, tmp_path / "straight", "train.max_steps=60", "data.max_samples=400")
+    assert_same_adapter(tmp_path / "straight", run_dir)
+
+
+def _job(env, job: str) -> str:
+    return subprocess.run(["scontrol", "show", "job", job], env=env, capture_output=True, text=True).stdout
+
+
+def test_cancel_and_failure_are_reported_and_failures_are_not_requeued(slurm, tiny_llama, tmp_path):
+    env = job_env(slurm)
+    long_run = tmp_path / "long"
+    job = submit(env, "recipe=lora", f"model.name={tiny_llama}", *TRAIN, "train.max_steps=5000", "cluster=local",
+                 f"output.dir={long_run}")
+    assert cli(env, "cancel", str(long_run)).returncode == 0
+    assert "cancelled" in wait_state(env, long_run, {"cancelled"}, 120)
+    # A sweep in which one run fails once its job starts (its data file vanishes after submission).
+    data = tmp_path / "rows.jsonl"
+    data.write_text((ROOT / "data" / "wordnet" / "definitions_train.jsonl").read_text())
+    sweep = tmp_path / "sweep"
+    done = cli(env, "submit", "recipe=lora", f"model.name={tiny_llama}", *TRAIN, "train.max_steps=3",
+               f"data.train=data/wordnet/definitions_train.jsonl,{data}", "cluster=local", f"sweep.dir={sweep}")
+    assert done.returncode == 0, done.stderr
+    data.unlink()
+    table = wait_state(env, sweep, {"finished", "failed"}, 240)
+    failed = [line for line in table.splitlines() if " failed" in line]
+    assert len(failed) == 1, table
+    failed_job = json.loads((sweep / "manifest.json").read_text())["runs"][1]["job_id"]
+    assert "Restarts=0" in _job(env, failed_job), "a failure is not requeued"
+    cli(env, "collect", str(sweep))
+    failures = (sweep / "failures.md").read_text()
+    assert "rows.jsonl does not exist" in failures, failures

@@ -101,3 +101,42 @@ def test_local_cancel_stops_running_and_queued_runs(tiny_llama, tmp_path, capsys
     # The running one checkpointed on its way out; the queued one never started.
     assert json.loads((sweep / "lr-1e-3" / "status.json").read_text())["state"] == "interrupted"
     assert not (sweep / "lr-2e-3" / "metrics.jsonl").exists()
+
+
+def test_a_sweep_file_crosses_its_grid_with_paired_values_and_the_command_line(tmp_path):
+    from launcher.cluster.sweep import cross, load_sweep_file
+
+    spec = tmp_path / "s.yaml"
+    spec.write_text("base: [recipe=lora]\ngrid: {train.lr: [1e-4, 2e-4]}\n"
+                    "paired: [{peft.r: 8, peft.alpha: 16}, {peft.r: 16, peft.alpha: 32}]\n")
+    runs = load_sweep_file(str(spec))
+    assert len(runs) == 4 and {(r["peft.r"], r["peft.alpha"]) for r in runs} == {("8", "16"), ("16", "32")}
+    assert all(r["recipe"] == "lora" for r in runs)
+    assert len(cross(runs, expand_grid(["train.seed=1,2"]))) == 8
+    spec.write_text("grid: {train.lr: 1e-4}\n")
+    with pytest.raises(UserError, match="non-empty list"):
+        load_sweep_file(str(spec))
+
+
+@pytest.mark.parametrize("path", sorted((Path(__file__).resolve().parents[1] / "sweeps").glob("*.yaml")),
+                         ids=lambda p: p.stem)
+def test_every_shipped_sweep_file_plans(path, tmp_path):
+    lines = path.read_text().splitlines()
+    assert lines[0].startswith("# ") and "tunefleet submit sweep=" in lines[1]
+    sub = plan([f"sweep={path}", "executor=local", f"sweep.dir={tmp_path}/s"])
+    assert len(sub.runs) > 1 and len({r.name for r in sub.runs}) == len(sub.runs)
+
+
+@pytest.mark.parametrize("name", ["slurm", "local"])
+def test_every_executor_implements_the_interface(name):
+    import inspect
+
+    from launcher.cluster.executor import Executor, executor_for
+
+    module = executor_for({"executor": name})
+    for member, spec in vars(Executor).items():
+        if member.startswith("_") or not callable(spec):
+            continue
+        assert hasattr(module, member), f"{module.__name__} lacks {member}"
+        expected = list(inspect.signature(spec).parameters)[1:]  # without self
+        assert list(inspect.signature(getattr(module, member)).parameters) == expected, member

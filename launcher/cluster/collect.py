@@ -12,8 +12,8 @@ import csv
 import json
 from pathlib import Path
 
+from launcher.cluster.executor import executor_for
 from launcher.cluster.status import _metrics_rows, gather
-from launcher.cluster import slurm_executor
 from launcher.errors import UserError
 from launcher.train.evaluate import HIGHER_IS_BETTER
 
@@ -81,13 +81,12 @@ def _plot(sweep_dir: Path, rows: list[dict]) -> None:
     plt.close(fig)
 
 
-def _failures(rows: list[dict]) -> list[str]:
+def _failures(rows: list[dict], executor) -> list[str]:
     lines = []
     for row in rows:
         if row["state"].split()[0] in ("finished", "pending", "running"):
             continue
-        logs = slurm_executor.log_files(Path(row["record"]["run_dir"])) + sorted(
-            Path(row["record"]["run_dir"]).glob("*.log"))
+        logs = executor.log_files(Path(row["record"]["run_dir"]))
         tail = logs[-1].read_text(errors="replace").splitlines()[-TAIL_LINES:] if logs else ["(no log)"]
         lines += [f"## {row['record']['name']}: {row['state']}", "", "```", *tail, "```", ""]
     return lines
@@ -114,7 +113,7 @@ def collect(sweep_dir: Path) -> dict:
     results = sorted((_result(row) for row in rows), key=_sort_key)
     _write_tables(sweep_dir, results)
     _plot(sweep_dir, rows)
-    failures = _failures(rows)
+    failures = _failures(rows, executor_for(manifest))
     (sweep_dir / "failures.md").write_text("\n".join(failures) if failures else "No run failed.\n")
     _tensorboard(sweep_dir, results)
     finished = [r for r in results if r["state"] == "finished" and r["value"] is not None]

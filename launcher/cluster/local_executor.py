@@ -100,9 +100,20 @@ def submit(sweep_dir: Path, manifest: dict, parallel: int) -> None:
     start_supervisor(sweep_dir, parallel)  # it records its own pid in the manifest
 
 
-def cancel(manifest: dict) -> None:
+def cancel(manifest: dict, job_ids: list[str]) -> bool:
+    """Stop the whole local sweep: its supervisor stops the runs and marks them cancelled itself."""
     if alive(manifest.get("supervisor_pid")):
         os.kill(manifest["supervisor_pid"], signal.SIGTERM)
+        return False  # the supervisor owns the manifest while it lives
+    return True
+
+
+def job_details(job_id: str) -> dict:
+    return {}  # the supervisor records everything in the manifest
+
+
+def log_files(run_dir: Path) -> list[Path]:
+    return [p for p in [Path(run_dir) / "local.log"] if p.is_file()]
 
 
 if __name__ == "__main__":

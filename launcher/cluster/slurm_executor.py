@@ -1,4 +1,4 @@
-"""Slurm behind the executor interface: submit (launcher.cluster.submit), state, cancel, logs.
+"""Slurm behind the executor interface (launcher.cluster.executor): state, cancel, logs.
 
 State comes from the queue (`squeue`, with the pending reason) while a job is known to it, then
 from `scontrol show job` (kept for MinJobAge after the end), and finally from the run's own
@@ -19,9 +19,9 @@ def _run(argv: list[str]) -> str:
     return done.stdout if done.returncode == 0 else ""
 
 
-def queue_states(job_ids: list[str]) -> dict[str, dict]:
+def queue_states(manifest: dict) -> dict[str, dict]:
     """{job id: {state, reason}} for jobs still in the queue (array tasks one by one)."""
-    ids = sorted({str(j).split("_")[0] for j in job_ids if j})
+    ids = sorted({str(r["job_id"]).split("_")[0] for r in manifest["runs"] if r.get("job_id")})
     if not ids:
         return {}
     out = _run(["squeue", "-h", "-r", "-j", ",".join(ids), "-o", "%i|%T|%r"])
@@ -43,10 +43,11 @@ def job_details(job_id: str) -> dict:
             "exit_code": fields.get("ExitCode", ""), "reason": fields.get("Reason", "")}
 
 
-def cancel(job_ids: list[str]) -> None:
+def cancel(manifest: dict, job_ids: list[str]) -> bool:
     ids = [str(j) for j in job_ids if j]
     if ids:
         subprocess.run(["scancel", *ids], capture_output=True, text=True)
+    return True  # Slurm keeps no record of why: the manifest says it was cancelled
 
 
 def log_files(run_dir: Path) -> list[Path]:

@@ -14,7 +14,7 @@ import json
 import time
 from pathlib import Path
 
-from launcher.cluster import slurm_executor
+from launcher.cluster.executor import executor_for
 from launcher.cluster.sweep import read_manifest, write_manifest
 from launcher.errors import UserError
 from launcher.outputs.status import read_status
@@ -62,21 +62,21 @@ def run_progress(run_dir: Path) -> dict:
     return progress
 
 
-def run_state(record: dict, queued: dict[str, dict]) -> tuple[str, int]:
+def run_state(record: dict, queued: dict[str, dict], executor) -> tuple[str, int]:
     """(state, restarts) of one manifest record."""
     job = record.get("job_id")
     details = {}
     if job and job in queued:
         entry = queued[job]
         state = entry["state"] + (f" ({entry['reason']})" if entry["state"] == "pending" and entry["reason"] else "")
-        details = {} if entry["state"] == "pending" or job.startswith("local-") else slurm_executor.job_details(job)
+        details = {} if entry["state"] == "pending" else executor.job_details(job)
         return state, details.get("restarts", record.get("restarts", 0))
     own = read_status(Path(record["run_dir"])).get("state")
     if record.get("state") == "cancelled" and own != "finished":
         return "cancelled", record.get("restarts", 0)
-    if job and not job.startswith("local-"):
-        details = slurm_executor.job_details(job)
-    elif record.get("state") in ("failed",):
+    if job:
+        details = executor.job_details(job)
+    if not details and record.get("state") == "failed":
         details = {"state": "failed", "exit_code": str(record.get("exit_code", ""))}
     restarts = details.get("restarts", record.get("restarts", 0))
     scheduler_state = details.get("state", "")
@@ -91,15 +91,11 @@ def run_state(record: dict, queued: dict[str, dict]) -> tuple[str, int]:
 
 def gather(path: Path) -> tuple[dict, list[dict]]:
     manifest = read_manifest(path)
-    if manifest.get("executor") == "local":
-        from launcher.cluster import local_executor
-
-        queued = local_executor.queue_states(manifest)
-    else:
-        queued = slurm_executor.queue_states([r.get("job_id") for r in manifest["runs"]])
+    executor = executor_for(manifest)
+    queued = executor.queue_states(manifest)
     rows = []
     for record in manifest["runs"]:
-        state, restarts = run_state(record, queued)
+        state, restarts = run_state(record, queued, executor)
         progress = run_progress(Path(record["run_dir"]))
         rows.append({"record": record, "state": state, "restarts": restarts, **progress})
     return manifest, rows
@@ -156,13 +152,9 @@ def cmd_cancel(words: list[str]) -> int:
     manifest, rows = gather(target)
     live = [r for r in rows if r["state"].split()[0] in ("pending", "running", "requeued", "configuring",
                                                           "completing", "suspended")]
-    if manifest.get("executor") == "local":
-        from launcher.cluster import local_executor
-
-        local_executor.cancel(manifest)  # its supervisor marks the runs cancelled in the manifest
-        print(f"[tunefleet] cancelling {len(live)} of {len(rows)} run(s) on this machine")
+    if not executor_for(manifest).cancel(manifest, [r["record"]["job_id"] for r in live]):
+        print(f"[tunefleet] cancelling {len(live)} of {len(rows)} run(s); they checkpoint and stop")
         return 0
-    slurm_executor.cancel([r["record"]["job_id"] for r in live])
     for row in live:
         row["record"]["state"] = "cancelled"
     if manifest.get("sweep_dir"):

@@ -2,6 +2,7 @@
 
     tunefleet submit recipe=lora train.lr=2e-4 [cluster=NAME] [slurm.nodes=2 ...] [--dry-run]
     tunefleet submit recipe=lora,qlora train.lr=1e-4,2e-4 [sweep.dir=runs/my-sweep] ...   (a sweep)
+    tunefleet submit sweep=sweeps/lr_and_rank.yaml [more words, comma lists cross it] ...
 
 A run's folder is decided here, once (its {time} rendered now), and holds everything of the run:
 the rendered script (RUN/slurm/job.sbatch), Slurm's log appended across requeues
@@ -56,6 +57,7 @@ class SubmitOptions:
     cluster: str | None = None
     slurm: list[tuple[str, str]] = field(default_factory=list)  # slurm.KEY=VALUE overrides of the profile
     sweep_dir: str | None = None
+    sweep_file: str | None = None  # a sweep YAML (grid and paired values)
     executor: str = "slurm"  # or local: this machine, `parallel` runs at a time
     parallel: int = 1
     dry_run: bool = False
@@ -80,6 +82,8 @@ def split_submit_words(words: list[str]) -> tuple[list[str], SubmitOptions]:
             options.cluster = value
         elif key == "sweep.dir":
             options.sweep_dir = value
+        elif key == "sweep":
+            options.sweep_file = value
         elif key.startswith("slurm."):
             options.slurm.append((key.removeprefix("slurm."), value))
         elif word.startswith("-"):
@@ -103,12 +107,16 @@ def _check(words: list[str]):
     return load_recipe(["train.resume=auto", *words, f"distributed.main_process_ip={HEAD_PLACEHOLDER}"])
 
 
-def _plan_runs(recipe_words: list[str], profile: ClusterProfile, sweep_dir_text: str | None, always_sweep: bool
+def _plan_runs(recipe_words: list[str], profile: ClusterProfile, options: SubmitOptions, always_sweep: bool
                ) -> tuple[list[Planned], Path | None]:
     from launcher.config.preflight import preflight
     from launcher.outputs.run_dir import check_free, render_dir
 
     grid = sweeps.expand_grid(recipe_words)
+    if options.sweep_file:
+        grid = sweeps.cross(sweeps.load_sweep_file(options.sweep_file), grid)
+        always_sweep = True
+    sweep_dir_text = options.sweep_dir
     layout = _layout(profile)
     if len(grid) == 1 and not always_sweep:
         words = [*recipe_words, *layout]
@@ -148,14 +156,14 @@ def _plan_runs(recipe_words: list[str], profile: ClusterProfile, sweep_dir_text:
 def plan(words: list[str]) -> Submission:
     """Everything `submit` would do, validated, without touching the cluster or the disk."""
     recipe_words, options = split_submit_words(words)
-    if not any(w.startswith("recipe=") for w in recipe_words):
+    if not any(w.startswith("recipe=") for w in recipe_words) and not options.sweep_file:
         raise UserError("no recipe given: add recipe=NAME (or recipe=a,b for a sweep)")
     local = options.executor == "local"
     if local and (options.cluster or options.slurm):
         raise UserError("executor=local runs on this machine: cluster= and slurm.* do not apply")
     profile = load_profile(options.cluster, options.slurm)
     # The local executor keeps its runs in a sweep folder even for one run: the manifest is its record.
-    runs, sweep_dir = _plan_runs(recipe_words, profile, options.sweep_dir, always_sweep=local)
+    runs, sweep_dir = _plan_runs(recipe_words, profile, options, always_sweep=local)
     if local:
         return Submission(profile, runs, sweep_dir, "", [], "", options.dry_run, options)
     python = profile.python or sys.executable

@@ -104,3 +104,58 @@ def read_manifest(path: Path) -> dict:
         return {"sweep_dir": None, "executor": record.get("executor", "slurm"),
                 "runs": [{"name": path.name, "run_dir": str(path), "overrides": {}, **record}]}
     raise UserError(f"{path} is neither a sweep folder (no {MANIFEST}) nor a submitted run (no submission.json)")
+
+
+def _word_value(value) -> str:
+    """A YAML value as the command-line text an override would carry."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if value is None:
+        return "null"
+    return json.dumps(value) if isinstance(value, (list, dict)) else str(value)
+
+
+def load_sweep_file(path: str) -> list[dict[str, str]]:
+    """Runs from a sweep YAML: `base` words for every run, the product of `grid`, crossed with
+    `paired` (entries whose keys change together, e.g. rank and alpha).
+
+        base: [recipe=lora, train.max_steps=200]
+        grid: {train.lr: [1e-4, 2e-4, 4e-4]}
+        paired: [{peft.r: 8, peft.alpha: 16}, {peft.r: 16, peft.alpha: 32}]
+    """
+    import yaml
+
+    file = Path(path)
+    if not file.is_file():
+        raise UserError(f"sweep={path}: no such file")
+    spec = yaml.safe_load(file.read_text()) or {}
+    unknown = set(spec) - {"base", "grid", "paired", "description"}
+    if not isinstance(spec, dict) or unknown:
+        raise UserError(f"{path}: a sweep file has the keys base, grid, paired (found {sorted(unknown)})")
+    base = {}
+    for word in spec.get("base", []):
+        key, sep, value = str(word).partition("=")
+        if not sep:
+            raise UserError(f"{path}: base entry '{word}' is not key=value")
+        base[key] = value
+    grid = spec.get("grid", {}) or {}
+    if not isinstance(grid, dict) or not all(isinstance(v, list) and v for v in grid.values()):
+        raise UserError(f"{path}: grid maps each key to a non-empty list of values")
+    paired = spec.get("paired", [{}]) or [{}]
+    if not isinstance(paired, list) or not all(isinstance(p, dict) for p in paired):
+        raise UserError(f"{path}: paired is a list of mappings (keys that change together)")
+    runs = []
+    for combo in itertools.product(*grid.values()):
+        for pair in paired:
+            run = dict(base)
+            run.update({k: _word_value(v) for k, v in zip(grid, combo)})
+            run.update({k: _word_value(v) for k, v in pair.items()})
+            runs.append(run)
+    return runs
+
+
+def cross(runs: list[dict[str, str]], more: list[dict[str, str]]) -> list[dict[str, str]]:
+    """Every run of `runs` with every run of `more` applied on top (command-line words win)."""
+    return [{**a, **b} for a in runs for b in more]

@@ -39,3 +39,15 @@ def first_eval_batch(run, n: int = 4) -> dict[str, torch.Tensor]:
 
     batch = collate(run.data.eval.select(range(n)), run.tokenizer.pad_token_id)
     return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+
+
+def wait_for(predicate, timeout: float, every: float = 0.2) -> bool:
+    """Poll `predicate` until it holds (True) or `timeout` seconds pass (False)."""
+    import time
+
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if predicate():
+            return True
+        time.sleep(every)
+    return False

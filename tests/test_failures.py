@@ -14,7 +14,8 @@ from launcher import run as run_script
 from tests.helpers import QUICK, read_jsonl
 from tests.test_backends import BACKENDS, SAME, assert_same_adapter, launch, losses
 from launcher.distributed.rendezvous import free_port
-from tests.test_resume import crash_after, wait_for
+from tests.helpers import wait_for
+from tests.test_resume import crash_after
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow

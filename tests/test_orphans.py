@@ -17,17 +17,10 @@ from pathlib import Path
 import pytest
 
 from launcher.distributed.lifetime import LAUNCHER_PID_ENV, alive
+from tests.helpers import wait_for
 
 ROOT = Path(__file__).resolve().parents[1]
 
-
-def wait_for(predicate, timeout: float, every: float = 0.2) -> bool:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if predicate():
-            return True
-        time.sleep(every)
-    return predicate()
 
 
 def processes() -> dict[int, str]:

@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 from launcher import run as run_script
 from launcher.train.checkpoint import complete_checkpoints
 from launcher.train.preemption import PREEMPTED_EXIT_CODE
-from tests.helpers import QUICK, read_jsonl, run_in_process
+from tests.helpers import QUICK, read_jsonl, run_in_process, wait_for
 
 ROOT = Path(__file__).resolve().parents[1]
 EXACT = ["peft.dropout=0.1", "train.max_steps=6", "eval.every_steps=3", "train.checkpoint_every=2",
@@ -140,15 +140,6 @@ def test_used_folder_without_resume_is_refused(tiny_llama, tmp_path, capsys):
     run_in_process("lora", tiny_llama, tmp_path / "run", *EXACT)
     assert run_script.main(["recipe=lora", f"model.name={tiny_llama}", f"output.dir={tmp_path / 'run'}"]) == 2
     assert "train.resume=auto" in capsys.readouterr().err
-
-
-def wait_for(predicate, timeout: float) -> bool:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.2)
-    return False
 
 
 @pytest.mark.slow

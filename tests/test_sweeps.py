@@ -3,7 +3,6 @@ manifest, status, cancel and collect on real tiny runs."""
 
 import csv
 import json
-import time
 from pathlib import Path
 
 import pytest
@@ -11,6 +10,7 @@ import pytest
 from launcher.cluster.submit import plan
 from launcher.cluster.sweep import expand_grid, split_values, unique_names
 from launcher.errors import UserError
+from tests.helpers import wait_for
 
 
 def test_comma_lists_expand_to_the_grid_and_brackets_keep_their_commas():
@@ -37,15 +37,6 @@ def test_an_empty_value_in_a_list_is_named():
         expand_grid(["train.lr=1e-4,"])
 
 
-def wait_until(predicate, timeout):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.5)
-    return False
-
-
 @pytest.mark.slow
 def test_local_sweep_runs_reports_and_collects(tiny_llama, tmp_path, capsys):
     from launcher.cli import main
@@ -67,7 +58,7 @@ def test_local_sweep_runs_reports_and_collects(tiny_llama, tmp_path, capsys):
                     ("pending", "running", "finished"))
         return table.count("finished") == 3
 
-    assert wait_until(all_finished, 240), "the sweep did not finish"
+    assert wait_for(all_finished, 240), "the sweep did not finish"
     assert {"running", "finished"} <= seen
     assert main(["collect", str(sweep)]) == 0
     out = capsys.readouterr().out
@@ -90,9 +81,9 @@ def test_local_cancel_stops_running_and_queued_runs(tiny_llama, tmp_path, capsys
                  "eval.every_steps=null", "eval.sample_prompts=[]", "data.max_samples=400", "executor=local",
                  f"sweep.dir={sweep}"]) == 0
     first = sweep / "lr-1e-3" / "metrics.jsonl"
-    assert wait_until(lambda: first.exists() and len(first.read_text().splitlines()) >= 2, 120)
+    assert wait_for(lambda: first.exists() and len(first.read_text().splitlines()) >= 2, 120)
     assert main(["cancel", str(sweep)]) == 0
-    assert wait_until(lambda: all(r["state"] == "cancelled" for r in
+    assert wait_for(lambda: all(r["state"] == "cancelled" for r in
                                   json.loads((sweep / "manifest.json").read_text())["runs"]), 90)
     capsys.readouterr()
     main(["status", str(sweep)])

@@ -14,7 +14,8 @@ go wrong. Here:
    workers, which finish their step, checkpoint and exit 75. torchrun SIGKILLs workers 30 s after
    SIGTERM, so one step plus one checkpoint must fit in 30 s; the warning must come early enough for
    that (see slurm/README.md).
-3. Exit 75 (checkpoint written) requeues the job with `scontrol requeue`, at most
+3. A checkpoint written on a stop signal (every node's launcher exits 0 and the run's status.json
+   says interrupted) requeues the job with `scontrol requeue`, at most
    TUNEFLEET_MAX_RESTARTS times; the requeued job continues with train.resume=auto. Any other failure
    ends the job with that status: it is not requeued.
 """
@@ -39,15 +40,28 @@ def step_command(words: list[str], job: SlurmJob) -> list[str]:
             sys.executable, "-m", "launcher.cluster.node", *words]
 
 
-def fixed_run_folder(words: list[str], job: SlurmJob) -> list[str]:
-    """A requeued job must find its own run: a {time} folder is named after the job id instead."""
+def fixed_run_folder(words: list[str], job: SlurmJob) -> tuple[list[str], Path]:
+    """The words with the run folder fixed, and that folder. A requeued job must find its own run:
+    a {time} folder is named after the job id instead."""
     from launcher.config.load import load_recipe
 
     name, recipe = load_recipe([*words, f"distributed.main_process_ip={job.head}"])  # as each node will see it
     template = recipe.output.dir
     if "{time}" not in template:
-        return words
-    return [*words, "output.dir=" + template.replace("{time}", f"job{job.job_id}").replace("{recipe}", name)]
+        return words, Path(template.replace("{recipe}", name))
+    folder = template.replace("{time}", f"job{job.job_id}").replace("{recipe}", name)
+    return [*words, f"output.dir={folder}"], Path(folder)
+
+
+def stopped_for_requeue(code: int, run_dir: Path) -> bool:
+    """Whether the step ended because every rank checkpointed on a stop signal.
+
+    Each node's launcher exits 0 then (launcher.cluster.node), not 75: srun's --kill-on-bad-exit
+    would otherwise kill the nodes still finishing their checkpoint as soon as the first one exits.
+    The run's own status.json says what happened."""
+    from launcher.outputs.status import read_status
+
+    return code == PREEMPTED_EXIT_CODE or (code == 0 and read_status(run_dir).get("state") == "interrupted")
 
 
 def sweep_task_words(words: list[str], environ=os.environ) -> list[str]:
@@ -90,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
     words = list(sys.argv[1:] if argv is None else argv)
     try:
         job = SlurmJob.from_environ()
-        words = fixed_run_folder(sweep_task_words(words), job)
+        words, run_dir = fixed_run_folder(sweep_task_words(words), job)
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         return err.exit_code
@@ -107,9 +121,10 @@ def main(argv: list[str] | None = None) -> int:
     for sig in RELAYED:
         signal.signal(sig, relay)
     code = step.wait()
-    if code != PREEMPTED_EXIT_CODE:
+    if not stopped_for_requeue(code, run_dir):
         print(f"[tunefleet] training step ended with status {code}", flush=True)
         return code
+    code = PREEMPTED_EXIT_CODE
     if job.restart_count >= max_restarts:
         print(f"[tunefleet] checkpoint written, but the job has been requeued {job.restart_count} times already "
               f"(TUNEFLEET_MAX_RESTARTS={max_restarts}): not requeueing; resubmit to continue", flush=True)

@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 
 from launcher.cluster.sweep import read_manifest, write_manifest
+from launcher.distributed.lifetime import alive
 
 POLL_S = 1.0
 
@@ -31,23 +32,17 @@ def start_supervisor(sweep_dir: Path, parallel: int) -> int:
     return child.pid
 
 
-def alive(pid: int | None) -> bool:
-    if not pid:
-        return False
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
+def running(pid: int | None) -> bool:
+    return bool(pid) and alive(pid)
 
 
 def queue_states(manifest: dict) -> dict[str, dict]:
     """What the supervisor reports, in the form slurm_executor.queue_states gives."""
-    supervisor = alive(manifest.get("supervisor_pid"))
+    supervisor = running(manifest.get("supervisor_pid"))
     states = {}
     for record in manifest["runs"]:
         job = record.get("job_id")
-        if record.get("state") == "running" and alive(record.get("pid")):
+        if record.get("state") == "running" and running(record.get("pid")):
             states[job] = {"state": "running", "reason": ""}
         elif record.get("state") == "queued" and supervisor:
             states[job] = {"state": "pending", "reason": "waiting for a free slot"}
@@ -102,7 +97,7 @@ def submit(sweep_dir: Path, manifest: dict, parallel: int) -> None:
 
 def cancel(manifest: dict, job_ids: list[str]) -> bool:
     """Stop the whole local sweep: its supervisor stops the runs and marks them cancelled itself."""
-    if alive(manifest.get("supervisor_pid")):
+    if running(manifest.get("supervisor_pid")):
         os.kill(manifest["supervisor_pid"], signal.SIGTERM)
         return False  # the supervisor owns the manifest while it lives
     return True

@@ -18,6 +18,7 @@ import sys
 
 from launcher.cluster.slurm_env import SlurmJob
 from launcher.errors import UserError
+from launcher.train.preemption import PREEMPTED_EXIT_CODE
 
 
 def node_words(words: list[str], job: SlurmJob) -> list[str]:
@@ -39,7 +40,7 @@ def main(argv: list[str] | None = None) -> int:
         if recipe.distributed.world_size == 1:
             from launcher import run
 
-            return run.main(words)  # one process in all: it trains here and takes the stop signal itself
+            return _for_srun(run.main(words))  # one process in all: it trains here and takes the stop signal itself
         import torch
 
         from launcher.cli import run_workers, shell_command
@@ -49,10 +50,21 @@ def main(argv: list[str] | None = None) -> int:
         if job.node_id == 0:
             print("[tunefleet] launching on each node: " + shell_command(argv_cmd, extra_env), flush=True)
         # Slurm signals every process of the step itself (launcher.cluster.job): nothing to relay.
-        return run_workers(argv_cmd, {**os.environ, **extra_env}, relay_stop_signals=False)
+        return _for_srun(run_workers(argv_cmd, {**os.environ, **extra_env}, relay_stop_signals=False))
     except UserError as err:
         print(f"error (node {os.environ.get('SLURM_NODEID', '?')}): {err}", file=sys.stderr)
         return err.exit_code
+
+
+def _for_srun(code: int) -> int:
+    """A checkpoint written on a stop signal is a success for srun: with --kill-on-bad-exit, a 75 from
+    the first node to finish would kill the others while they still write theirs. The batch process
+    reads the run's status.json to requeue (launcher.cluster.job)."""
+    if code == PREEMPTED_EXIT_CODE:
+        print(f"[tunefleet] node {os.environ.get('SLURM_NODEID', '?')}: checkpoint written, stopped for a requeue",
+              flush=True)
+        return 0
+    return code
 
 
 if __name__ == "__main__":

@@ -40,7 +40,7 @@ def finish_run(run: Run, state: dict, *, train_loss: float, elapsed: float, stop
         "trainable_params": run.trainable_params, "total_params": run.total_params,
         "world_size": run.accelerator.num_processes, "global_batch_size": recipe.train.global_batch_size,
         "gradient_accumulation_steps": run.plan.accumulation, "peak_memory_mb": peak_memory_mb(),
-        "dropped_examples": getattr(run.data, "dropped", 0),
+        "dropped_examples": run.data.dropped,
         "best": ({"metric": metric_key, "value": state["best_value"], "step": state["best_step"]}
                  if state["best_step"] else None),
         **summary, "samples": samples,

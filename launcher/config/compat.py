@@ -42,6 +42,21 @@ def backend_problem(method: str, backend_key: str) -> str | None:
     return f"peft.method={method} does not run under {backend_key}: {reason}" if reason else None
 
 
+# Methods that prepend virtual tokens to every row: a packed row would hold one soft prompt for
+# several examples, so they are never packed (data.packing=auto groups by length instead).
+VIRTUAL_TOKEN_METHODS = ("prompt_tuning", "prefix_tuning")
+
+
+def resolved_packing(recipe: "Recipe") -> str:
+    """data.packing with auto resolved: pack where sound, else group by length."""
+    packing = recipe.data.packing
+    if packing != "auto":
+        return packing
+    if recipe.model.task == "causal_lm" and recipe.peft.method not in VIRTUAL_TOKEN_METHODS:
+        return "pack"
+    return "group_by_length"
+
+
 # Methods whose adapter can be folded into the base weights.
 MERGEABLE = ("lora", "qlora", "dora", "ia3")
 
@@ -107,6 +122,13 @@ def check_recipe(recipe: "Recipe") -> list[str]:
         recipe.eval.every_steps or recipe.eval.at_start or recipe.eval.early_stopping_patience
     ):
         problems.append("evaluation is asked for but there is no eval data: set data.eval or data.eval_fraction > 0")
+
+    if recipe.data.packing == "pack" and task != "causal_lm":
+        problems.append("data.packing=pack is for model.task=causal_lm (a classifier reads one example per row); "
+                        "use data.packing=group_by_length or auto")
+    elif recipe.data.packing == "pack" and method in VIRTUAL_TOKEN_METHODS:
+        problems.append(f"data.packing=pack does not work with peft.method={method}: its virtual tokens are "
+                        "prepended once per row, not per example; use data.packing=group_by_length or auto")
 
     if recipe.output.merge and method not in MERGEABLE:
         problems.append(

@@ -213,6 +213,17 @@ class DataConfig(Section):
     )
     max_samples: Optional[int] = Field(None, ge=1, description="Use at most this many training rows (for quick runs).")
     max_eval_samples: Optional[int] = Field(None, ge=1, description="Use at most this many evaluation rows.")
+    packing: Literal["auto", "pack", "group_by_length", "none"] = Field(
+        "auto", description="How a micro batch's examples are laid out. pack: concatenated into rows of up to "
+        "max_seq_len tokens, attention kept within each example (causal LM); group_by_length: each rank's share "
+        "of the global batch sorted by length before it is cut into micro batches, so little padding; none: "
+        "padded to the longest. auto: pack where it is sound (causal LM without virtual tokens), else "
+        "group_by_length. Never changes which examples make up a global batch.",
+    )
+    loader_workers: int = Field(
+        1, ge=0, description="Processes that build the next steps' batches while the current one trains "
+        "(0: on the training thread).",
+    )
 
     @property
     def sources(self) -> list[DataSource]:
@@ -250,6 +261,10 @@ class TrainConfig(Section):
         "auto", description="Mixed precision; auto picks bf16 on GPUs that have it, else fp32."
     )
     gradient_checkpointing: bool = Field(False, description="Recompute activations in backward: less memory, ~30% slower.")
+    chunked_loss: bool = Field(
+        True, description="Causal LM: compute the head and cross-entropy a chunk of tokens at a time, so the "
+        "float32 logits of the whole micro batch never exist at once (same loss and gradients, less memory).",
+    )
     seed: int = Field(42, description="Seed for data order, initialisation and dropout.")
     log_every: int = Field(1, ge=1, description="Write a metrics line every N optimizer steps.")
     checkpoint_every: Optional[int] = Field(

@@ -31,7 +31,8 @@ MAY_CHANGE_ON_RESUME = (
     "distributed.config",  # compared by content through the backend fingerprint instead of by name
     "distributed.fsdp_sharding", "distributed.fsdp_cpu_offload",  # DCP reshards on load
     "train.micro_batch_size", "train.gradient_checkpointing", "train.log_every", "train.checkpoint_every",
-    "train.keep_checkpoints", "train.resume",
+    "train.keep_checkpoints", "train.resume", "train.chunked_loss",
+    "data.packing", "data.loader_workers",  # how a step's examples are laid out, not which ones
     "eval.batch_size", "eval.at_start", "eval.sample_prompts", "eval.sample_max_new_tokens",
     "output.dir", "output.merge",
 )

@@ -134,9 +134,16 @@ def start_run(tiny_llama: Path, run_dir: Path, log: Path) -> subprocess.Popen:
 
 
 def workers_of(run_dir: Path) -> list[int]:
-    """The training processes of this run (not the CLI nor the agent, whose command lines name it too)."""
+    """The processes of this run's workers (not the CLI nor the agent, whose command lines name it too),
+    with their batch-building children (forks with the same command line)."""
     return [pid for pid, cmdline in processes().items()
             if str(run_dir) in cmdline and "launcher/run.py" in cmdline and " -m " not in cmdline]
+
+
+def trainers_of(run_dir: Path) -> list[int]:
+    """The training processes alone: workers whose parent is not a worker."""
+    every = set(workers_of(run_dir))
+    return [pid for pid in every if parent_of(pid) not in every]
 
 
 def environment_of(pid: int) -> dict[str, str]:
@@ -170,8 +177,8 @@ def test_killing_the_launcher_leaves_no_worker_training(victim, tiny_llama, tmp_
         metrics = run_dir / "metrics.jsonl"
         assert wait_for(lambda: metrics.exists() and len(metrics.read_text().splitlines()) >= 2, 90,
                         every=0.5), log.read_text()[-3000:]
-        workers = workers_of(run_dir)
-        assert len(workers) == 2
+        workers = trainers_of(run_dir)
+        assert len(workers) == 2 and len(workers_of(run_dir)) == 4  # each with one batch builder (loader_workers=1)
         # The CLI's temporary folder: a killed CLI cannot remove it, so the test does.
         status_folder = Path(environment_of(workers[0])["TUNEFLEET_STATUS_FILE"]).parent
         if victim == "cli":

@@ -278,8 +278,8 @@ def test_a_stop_signal_on_a_checkpoint_step_writes_that_checkpoint_once(tiny_lla
 
     real_step, real_save, saved = loop.train_step, loop.save_checkpoint, []
 
-    def step_then_signal(run, step):
-        result = real_step(run, step)
+    def step_then_signal(run, step, fed):
+        result = real_step(run, step, fed)
         if step == 2:
             os.kill(os.getpid(), signal.SIGTERM)  # arrives during step 2, which is also a checkpoint step
         return result

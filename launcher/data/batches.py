@@ -5,12 +5,23 @@ k: `global_batch_size` consecutive indices of that permutation. Rank r takes the
 slice and cuts it into `accumulation` micro batches. So the examples that make up a global batch
 do not depend on how it is split into micro batches and ranks, and resuming at step k needs no
 replay: the schedule is a function of (seed, step).
+
+How a micro batch's examples are laid out (data.packing) never changes which examples it holds:
+- group_by_length sorts each rank's share of the global batch by length before cutting it into
+  micro batches, so examples of similar length share a micro batch and little is padded;
+- pack concatenates a micro batch's examples into rows of at most max_seq_len tokens (first fit,
+  longest first). Position ids restart at 0 for every example and no attention mask is passed:
+  transformers then derives the packed-sequence mask from the position ids (a block-diagonal
+  causal mask on SDPA and eager, variable-length kernels with flash attention), so attention stays
+  within each example. The label of each example's first token is ignored: in a packed row it
+  would be "predicted" by the previous example's last token, unpacked it is never predicted.
+Both keep the loss of a step equal to the padded layout's (tests/test_packing.py).
 """
 
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -26,6 +37,8 @@ class BatchPlan:
     world_size: int
     rank: int
     seed: int
+    # Example lengths, for group_by_length: each rank's share is sorted by them (longest first).
+    lengths: tuple[int, ...] | None = field(default=None, compare=False, repr=False)
 
     def __post_init__(self):
         if self.num_examples < self.global_batch_size:
@@ -53,6 +66,8 @@ class BatchPlan:
     def micro_batches(self, step: int) -> list[list[int]]:
         per_rank = self.global_batch_size // self.world_size
         mine = self.global_batch(step)[self.rank * per_rank : (self.rank + 1) * per_rank]
+        if self.lengths is not None:
+            mine = sorted(mine, key=lambda i: -self.lengths[i])  # stable: ties keep the schedule's order
         size = self.micro_batch_size
         return [mine[i : i + size] for i in range(0, per_rank, size)]
 
@@ -81,6 +96,67 @@ def collate(examples: list[dict], pad_token_id: int) -> dict[str, torch.Tensor]:
             labels[row, : len(example["labels"])] = torch.tensor(example["labels"])
         batch["labels"] = labels
     return batch
+
+
+def pack(examples: list[dict], capacity: int, pad_token_id: int) -> dict[str, torch.Tensor]:
+    """Concatenate examples into rows of at most `capacity` tokens; attention stays per example."""
+    rows = _balanced_rows([len(e["input_ids"]) for e in examples], capacity)
+    fill = [sum(len(examples[i]["input_ids"]) for i in row) for row in rows]
+    width = max(fill)
+    input_ids = torch.full((len(rows), width), pad_token_id, dtype=torch.long)
+    position_ids = torch.zeros((len(rows), width), dtype=torch.long)
+    labels = torch.full((len(rows), width), IGNORE, dtype=torch.long)
+    for r, members in enumerate(rows):
+        at = 0
+        for i in members:
+            example = examples[i]
+            n = len(example["input_ids"])
+            input_ids[r, at : at + n] = torch.tensor(example["input_ids"])
+            position_ids[r, at : at + n] = torch.arange(n)
+            labels[r, at : at + len(example["labels"])] = torch.tensor(example["labels"])
+            labels[r, at] = IGNORE
+            at += n
+        # The padded tail restarts at position 0 too: a block of its own that no example attends to.
+        position_ids[r, at:] = torch.arange(width - at)
+    return {"input_ids": input_ids, "position_ids": position_ids, "labels": labels}
+
+
+def _balanced_rows(lengths: list[int], capacity: int) -> list[list[int]]:
+    """Group example indices into rows of at most `capacity` tokens, padding the fewest positions.
+
+    A micro batch is padded to its fullest row, so the aim is rows of even fill, not merely few
+    rows: for each row count from the least that could hold everything, place examples longest
+    first into the emptiest row with room, and keep the count whose rows x widest row is smallest.
+    """
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    least = max(1, -(-sum(lengths) // capacity))
+    best, best_slots = [[i] for i in order], len(lengths) * max(lengths)  # one example per row always fits
+    for count in range(least, len(lengths)):
+        rows, fill = [[] for _ in range(count)], [0] * count
+        for i in order:
+            row = min((r for r in range(count) if fill[r] + lengths[i] <= capacity), key=fill.__getitem__,
+                      default=None)
+            if row is None:
+                break
+            rows[row].append(i)
+            fill[row] += lengths[i]
+        else:
+            slots = count * max(fill)
+            if slots < best_slots:
+                best, best_slots = rows, slots
+    return [row for row in best if row]
+
+
+def count_tokens(examples: list[dict]) -> int:
+    return sum(len(e["input_ids"]) for e in examples)
+
+
+def example_lengths(dataset) -> tuple[int, ...]:
+    """Token count of every example, read from the Arrow column (no Python list of token ids)."""
+    import pyarrow.compute as pc
+
+    column = dataset.with_format("arrow")[:].column("input_ids")
+    return tuple(pc.list_value_length(column).to_pylist())
 
 
 def count_targets(labels: torch.Tensor) -> int:

@@ -18,8 +18,9 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from launcher.config.compat import resolved_packing
 from launcher.config.schema import Recipe
-from launcher.data.batches import BatchPlan
+from launcher.data.batches import BatchPlan, example_lengths
 from launcher.data.prepare import PreparedData, prepare_data
 from launcher.distributed.backend import Backend, make_backend
 from launcher.errors import UserError
@@ -172,7 +173,9 @@ def build_run(recipe: Recipe, recipe_name: str, command: list[str]) -> Run:
     model = load_model(model_path, recipe, data.label_names, accelerator.device)
     if recipe.train.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=GRADIENT_CHECKPOINTING_KWARGS)
-        model.config.use_cache = False
+    # Training and evaluation never reuse keys and values; and with a cache transformers ignores the
+    # packed-sequence position ids (data.packing=pack). generate() turns it back on for samples.
+    model.config.use_cache = False
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tokenizer.pad_token_id
     ctx = MethodContext(task=recipe.model.task, model_path=model_path,
@@ -184,15 +187,18 @@ def build_run(recipe: Recipe, recipe_name: str, command: list[str]) -> Run:
     announce(f"method {recipe.peft.method}: {trainable:,} trainable of {total:,} parameters "
              f"({100 * trainable / total:.4f}%)", is_main)
 
+    layout = resolved_packing(recipe)
     plan = BatchPlan(
         num_examples=len(data.train), global_batch_size=recipe.train.global_batch_size,
         micro_batch_size=recipe.train.micro_batch_size, world_size=accelerator.num_processes,
         rank=accelerator.process_index, seed=recipe.train.seed,
+        lengths=example_lengths(data.train) if layout == "group_by_length" else None,
     )
     total_steps = recipe.train.max_steps or max(1, int(recipe.train.epochs * plan.steps_per_epoch))
     announce(f"global batch {recipe.train.global_batch_size} = micro batch {recipe.train.micro_batch_size} x "
              f"accumulation {plan.accumulation} x world size {accelerator.num_processes}; "
-             f"{len(data.train)} training examples, {total_steps} steps", is_main)
+             f"{len(data.train)} training examples, {total_steps} steps; micro batches "
+             f"{LAYOUT_WORDS[layout].format(max_seq_len=recipe.data.max_seq_len)}", is_main)
 
     made = []  # the raw optimizer: the schedule drives its param groups under every wrapper
 
@@ -220,6 +226,12 @@ def build_run(recipe: Recipe, recipe_name: str, command: list[str]) -> Run:
                trainable_params=trainable, total_params=total, backend=backend, resume_from=resume_from,
                resumed_state=resumed_state)
 
+
+LAYOUT_WORDS = {
+    "pack": "packed into rows of up to {max_seq_len} tokens (attention within each example)",
+    "group_by_length": "grouped by length within each rank's share of the global batch",
+    "none": "padded to their longest example",
+}
 
 # Non-reentrant checkpointing works with frozen inputs (adapters) and with DDP, where the reentrant
 # variant raises "parameter marked ready twice". QLoRA passes it on to peft, whose default is reentrant.

@@ -10,6 +10,7 @@ from launcher.outputs.status import FINISHED, write_status
 from launcher.train.build import announce
 from launcher.train.report import generate_samples, peak_memory_mb, write_rank_summary
 from launcher.train.selection import eval_key, publish_best, save_run_artifact
+from launcher.train.throughput import model_flops_utilisation
 
 if TYPE_CHECKING:
     from launcher.train.build import Run
@@ -36,7 +37,9 @@ def finish_run(run: Run, state: dict, *, train_loss: float, elapsed: float, stop
     metric_key = eval_key(recipe.eval.metric)
     result = {
         "method": recipe.peft.method, "task": recipe.model.task, "steps": state["step"],
-        "train_loss": train_loss, "runtime_s": elapsed, "tokens_per_s": state["tokens_done"] / max(elapsed, 1e-9),
+        "train_loss": train_loss, "runtime_s": elapsed, "tokens_per_s": state["tokens_done"] / max(state["train_seconds"], 1e-9),
+        "padding": 1 - state["tokens_done"] / max(state["slots_done"], 1),
+        "mfu": model_flops_utilisation(run.accelerator, state["flops_done"], state["train_seconds"]),
         "trainable_params": run.trainable_params, "total_params": run.total_params,
         "world_size": run.accelerator.num_processes, "global_batch_size": recipe.train.global_batch_size,
         "gradient_accumulation_steps": run.plan.accumulation, "peak_memory_mb": peak_memory_mb(),

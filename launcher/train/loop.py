@@ -15,6 +15,8 @@ from pathlib import Path
 
 import torch
 
+from launcher.config.compat import resolved_packing
+from launcher.data.loader import StepDataset, step_feed
 from launcher.outputs.metrics_log import MetricsLog
 from launcher.outputs.progress import progress_bar
 from launcher.outputs.status import write_status
@@ -25,12 +27,15 @@ from launcher.train.preemption import PREEMPTED_EXIT_CODE, Preempted, StopFlag
 from launcher.train.report import generate_samples
 from launcher.train.selection import evaluate_and_select, reconcile_best, run_evaluation
 from launcher.train.step import train_step
+from launcher.train.throughput import FlopsModel, model_flops_utilisation
 
 
 def fresh_state() -> dict:
     """What the loop carries from step to step (and a checkpoint stores)."""
     return {"step": 0, "best_value": None, "best_step": None, "evals_without_gain": 0,
-            "eval_start": None, "eval_final": None, "tokens_done": 0, "elapsed": 0.0}
+            "eval_start": None, "eval_final": None, "tokens_done": 0, "elapsed": 0.0,
+            # Throughput over training steps only (evaluation excluded), data waits included.
+            "slots_done": 0, "flops_done": 0.0, "train_seconds": 0.0}
 
 
 def _restore(run: Run, log: MetricsLog) -> dict:
@@ -88,14 +93,25 @@ def _checkpoint_and_maybe_stop(run: Run, state: dict, stop: StopFlag, log: Metri
     raise Preempted(path)
 
 
-def _log_row(run: Run, step: int, result) -> dict[str, float]:
+def _log_row(run: Run, step: int, result, seconds: float, waited: float, flops: FlopsModel) -> dict[str, float]:
     if step % run.recipe.train.log_every and step != run.total_steps:
         return {}
     row = {"loss": result.loss, "lr": max(run.scheduler.get_last_lr()),
-           "tokens_per_s": result.tokens / max(result.seconds, 1e-9), "epoch": step / run.plan.steps_per_epoch}
+           "tokens_per_s": result.tokens / max(seconds, 1e-9), "padding": 1 - result.tokens / max(result.slots, 1),
+           "data_wait_s": waited, "epoch": step / run.plan.steps_per_epoch}
     if result.grad_norm is not None:
         row["grad_norm"] = result.grad_norm
+    mfu = model_flops_utilisation(run.accelerator, flops.step_flops(result.tokens, result.attention_pairs), seconds)
+    if mfu is not None:
+        row["mfu"] = mfu
     return row
+
+
+def _feed(run: Run, first_step_index: int):
+    dataset = StepDataset(run.data.train, run.plan, resolved_packing(run.recipe), run.recipe.data.max_seq_len,
+                          run.tokenizer.pad_token_id, run.total_steps, causal=run.num_labels is None)
+    return step_feed(dataset, first_step_index, run.recipe.data.loader_workers,
+                     pin_memory=run.accelerator.device.type == "cuda")
 
 
 def train_steps(run: Run) -> dict:
@@ -129,12 +145,21 @@ def _train_steps(run: Run) -> dict:
     train_loss, stopped_early = float("nan"), False
     progress = progress_bar(total=run.total_steps, desc="training", enabled=run.is_main, initial=state["step"])
     run.model.train()
+    flops = FlopsModel.of(run.model)
+    feed = _feed(run, state["step"])
     try:
         for step in range(state["step"] + 1, run.total_steps + 1):
-            result = train_step(run, step)
+            fetch_started = time.perf_counter()
+            fed = next(feed)
+            waited = time.perf_counter() - fetch_started
+            result = train_step(run, step, fed)
+            seconds = waited + result.seconds
             train_loss = result.loss
             state["step"], state["tokens_done"] = step, state["tokens_done"] + result.tokens
-            row = _log_row(run, step, result)
+            state["slots_done"] += result.slots
+            state["flops_done"] += flops.step_flops(result.tokens, result.attention_pairs)
+            state["train_seconds"] += seconds
+            row = _log_row(run, step, result, seconds, waited, flops)
             progress.update(1)
             progress.set_postfix(loss=f"{train_loss:.4f}")
             every = recipe.eval.every_steps
@@ -152,6 +177,7 @@ def _train_steps(run: Run) -> dict:
             if stopped_early:
                 break
     finally:
+        feed.close()  # shuts the loader's worker processes down
         progress.close()
         stop.uninstall()
     log.close()

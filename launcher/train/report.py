@@ -33,7 +33,7 @@ def generate_samples(run: Run) -> list[dict]:
     for prompt in recipe.eval.sample_prompts:
         text = render_prompt(run.tokenizer, recipe.data.prompt_template, prompt)
         encoded = run.tokenizer(text, return_tensors="pt", add_special_tokens=False).to(run.accelerator.device)
-        output = model.generate(**encoded, max_new_tokens=recipe.eval.sample_max_new_tokens, do_sample=False,
+        output = model.generate(**encoded, max_new_tokens=recipe.eval.sample_max_new_tokens, do_sample=False, use_cache=True,
                                 pad_token_id=run.tokenizer.pad_token_id,
                                 synced_gpus=run.backend.params_sharded and run.accelerator.num_processes > 1)
         answer = run.tokenizer.decode(output[0, encoded["input_ids"].shape[1]:], skip_special_tokens=True)

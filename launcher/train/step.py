@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn.functional as F
 
-from launcher.data.batches import collate, count_targets
+from launcher.data.loader import StepBatches
 
 if TYPE_CHECKING:
     from launcher.train.build import Run
@@ -31,6 +31,8 @@ if TYPE_CHECKING:
 class StepResult:
     loss: float  # mean loss per target over the global batch
     tokens: int  # non-padding tokens over all ranks
+    slots: int  # positions fed to the model over all ranks (tokens + padding)
+    attention_pairs: int  # query-key pairs within examples over all ranks (for model FLOPs)
     grad_norm: float | None
     seconds: float
 
@@ -44,26 +46,24 @@ def micro_batch_loss(model, batch: dict, normalizer: torch.Tensor, classificatio
     return model(**batch, num_items_in_batch=normalizer).loss
 
 
-def train_step(run: Run, step: int) -> StepResult:
-    """Run optimizer step `step` (1-based) on every rank; the schedule advances once."""
+def train_step(run: Run, step: int, fed: StepBatches) -> StepResult:
+    """Run optimizer step `step` (1-based) on every rank from its fed micro batches; the schedule advances once."""
     acc, backend = run.accelerator, run.backend
     started = time.perf_counter()
-    batches = [collate(run.data.train.select(idx), run.tokenizer.pad_token_id)
-               for idx in run.plan.micro_batches(step - 1)]
-    local = torch.tensor([sum(count_targets(b["labels"]) for b in batches),
-                          sum(int(b["attention_mask"].sum()) for b in batches)], dtype=torch.float64,
+    local = torch.tensor([fed.targets, fed.tokens, fed.slots, fed.attention_pairs], dtype=torch.float64,
                          device=acc.device)
-    targets, tokens = acc.reduce(local.clone(), reduction="sum").tolist()
+    targets, tokens, slots, pairs = acc.reduce(local.clone(), reduction="sum").tolist()
     normalizer = torch.tensor(max(targets, 1.0) / acc.num_processes, device=acc.device)
     loss_sum = torch.zeros((), dtype=torch.float64, device=acc.device)
     classification = run.num_labels is not None
-    for i, batch in enumerate(batches):
-        batch = {k: v.to(acc.device) for k, v in batch.items()}
-        backend.sync_gradients(acc, run.model, sync=i == len(batches) - 1)  # before the forward: DDP reads it there
+    for i, batch in enumerate(fed.batches):
+        batch = {k: v.to(acc.device, non_blocking=True) for k, v in batch.items()}
+        backend.sync_gradients(acc, run.model, sync=i == len(fed.batches) - 1)  # before the forward: DDP reads it there
         loss = micro_batch_loss(run.model, batch, normalizer, classification)
         backend.backward(acc, loss)
         loss_sum += loss.detach().double() * normalizer
     grad_norm = backend.optimizer_step(acc, run.model, run.optimizer, run.recipe.train.max_grad_norm)
     run.scheduler.step()
     loss = float(acc.reduce(loss_sum, reduction="sum")) / max(targets, 1.0)
-    return StepResult(loss=loss, tokens=int(tokens), grad_norm=grad_norm, seconds=time.perf_counter() - started)
+    return StepResult(loss=loss, tokens=int(tokens), slots=int(slots), attention_pairs=int(pairs), grad_norm=grad_norm,
+                      seconds=time.perf_counter() - started)

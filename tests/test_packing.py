@@ -1,0 +1,162 @@
+"""Micro batch layouts (pack, group_by_length, none) change padding, never the math; the feed; throughput."""
+
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from launcher.data.batches import BatchPlan, collate, count_targets, pack
+from launcher.data.formats import IGNORE
+from launcher.data.loader import StepDataset, step_feed
+from launcher.train.throughput import PEAK_FLOPS, FlopsModel, device_peak_flops
+from tests.helpers import read_jsonl, run_in_process
+
+EXACT = ["peft.dropout=0", "eval.every_steps=null", "eval.at_start=false", "train.max_steps=3"]
+
+
+def examples(lengths, prompt=2, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    rows = []
+    for n in lengths:
+        ids = torch.randint(3, 100, (n,), generator=generator).tolist()
+        rows.append({"input_ids": ids, "labels": [IGNORE] * prompt + ids[prompt:]})
+    return rows
+
+
+def test_pack_fills_rows_and_restarts_positions():
+    rows = examples([7, 5, 12, 3, 9])
+    packed = pack(rows, capacity=16, pad_token_id=0)
+    ids, positions, labels = packed["input_ids"], packed["position_ids"], packed["labels"]
+    assert "attention_mask" not in packed  # transformers derives the packed mask from the position ids
+    assert ids.shape[1] <= 16 and ids.shape[0] == 3  # 36 tokens, rows of 16: first fit, longest first
+    # Every example appears once, contiguous, with positions 0..n-1 and its first label ignored.
+    found = []
+    for r in range(ids.shape[0]):
+        starts = [i for i in range(ids.shape[1]) if positions[r, i] == 0] + [ids.shape[1]]
+        for a, b in zip(starts, starts[1:]):
+            segment = ids[r, a:b].tolist()
+            if segment in [e["input_ids"] for e in rows]:
+                found.append(segment)
+                assert positions[r, a:b].tolist() == list(range(b - a))
+                assert labels[r, a] == IGNORE
+            else:  # the padded tail: a block of its own, nothing to predict
+                assert set(segment) == {0} and (labels[r, a:b] == IGNORE).all()
+    assert sorted(found) == sorted(e["input_ids"] for e in rows)
+    assert count_targets(labels) == count_targets(collate(rows, 0)["labels"])
+
+
+def test_packed_loss_and_gradients_equal_the_padded_ones(tiny_llama):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    rows = examples([30, 11, 45, 6, 22, 17], seed=1)
+    grads = {}
+    for layout in ("padded", "packed"):
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_pretrained(tiny_llama)
+        model.config.use_cache = False
+        model = get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj", "v_proj"], lora_dropout=0.0,
+                                                 init_lora_weights=False))
+        batch = collate(rows, 0) if layout == "padded" else pack(rows, 64, 0)
+        normalizer = torch.tensor(float(count_targets(batch["labels"])))
+        loss = model(**batch, num_items_in_batch=normalizer).loss
+        loss.backward()
+        grads[layout] = (loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad})
+    assert pack(rows, 64, 0)["input_ids"].numel() < collate(rows, 0)["input_ids"].numel()
+    torch.testing.assert_close(grads["packed"][0], grads["padded"][0], rtol=1e-5, atol=1e-6)
+    for name, grad in grads["padded"][1].items():
+        torch.testing.assert_close(grads["packed"][1][name], grad, rtol=1e-4, atol=1e-6)
+
+
+def test_group_by_length_sorts_each_ranks_share_and_keeps_the_global_batch():
+    lengths = tuple((i * 37) % 50 + 1 for i in range(64))
+    for world in (1, 2):
+        union = []
+        for rank in range(world):
+            plain = BatchPlan(64, 16, 4, world, rank, seed=5)
+            grouped = BatchPlan(64, 16, 4, world, rank, seed=5, lengths=lengths)
+            for step in (0, 3):
+                mine = [i for mb in grouped.micro_batches(step) for i in mb]
+                assert sorted(mine) == sorted(i for mb in plain.micro_batches(step) for i in mb)
+                assert [lengths[i] for i in mine] == sorted((lengths[i] for i in mine), reverse=True)
+            union += [i for mb in grouped.micro_batches(0) for i in mb]
+        assert sorted(union) == sorted(BatchPlan(64, 16, 16, 1, 0, seed=5).global_batch(0))
+
+
+@pytest.mark.parametrize("layout", ["pack", "group_by_length", "none"])
+def test_feed_from_worker_processes_equals_the_inline_feed(layout):
+    import datasets
+
+    rows = examples([(i * 13) % 40 + 3 for i in range(48)])
+    train = datasets.Dataset.from_list(rows)
+    lengths = tuple(len(r["input_ids"]) for r in rows) if layout == "group_by_length" else None
+    plan = BatchPlan(48, 8, 2, 1, 0, seed=1, lengths=lengths)
+    dataset = StepDataset(train, plan, layout, max_seq_len=48, pad_token_id=0, total_steps=10, causal=True)
+    inline = list(step_feed(dataset, 4, workers=0, pin_memory=False))
+    ahead = list(step_feed(dataset, 4, workers=2, pin_memory=False))
+    assert len(inline) == len(ahead) == 6  # a resumed run at step 4 starts its feed there
+    for a, b in zip(inline, ahead):
+        assert (a.targets, a.tokens, a.slots, a.attention_pairs) == (b.targets, b.tokens, b.slots, b.attention_pairs)
+        for x, y in zip(a.batches, b.batches):
+            assert x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x)
+    first = inline[0]
+    indices = [i for mb in plan.micro_batches(4) for i in mb]
+    assert first.tokens == sum(len(rows[i]["input_ids"]) for i in indices)
+    assert first.attention_pairs == sum(len(rows[i]["input_ids"]) * (len(rows[i]["input_ids"]) + 1) // 2
+                                        for i in indices)
+    assert first.slots >= first.tokens
+
+
+def losses_and_adapter(run_dir: Path):
+    losses = [r["loss"] for r in read_jsonl(run_dir / "metrics.jsonl") if "loss" in r]
+    return losses, load_file(str(run_dir / "final" / "adapter_model.safetensors"))
+
+
+@pytest.mark.slow
+def test_every_layout_trains_the_same_adapter(tiny_llama, tmp_path):
+    results = {}
+    for layout, workers in (("none", 0), ("pack", 1), ("group_by_length", 2)):
+        _, metrics = run_in_process("lora", tiny_llama, tmp_path / layout, *EXACT, f"data.packing={layout}",
+                                    f"data.loader_workers={workers}", "train.micro_batch_size=4",
+                                    "train.global_batch_size=8")
+        results[layout] = (losses_and_adapter(tmp_path / layout), metrics)
+    (reference_losses, reference_weights), padded = results["none"]
+    for layout in ("pack", "group_by_length"):
+        (losses, weights), metrics = results[layout]
+        assert losses == pytest.approx(reference_losses, rel=1e-5)
+        for key, tensor in reference_weights.items():
+            torch.testing.assert_close(weights[key], tensor, atol=1e-6, rtol=1e-5)
+        assert metrics["padding"] < padded["padding"], (layout, metrics["padding"], padded["padding"])
+    rows = [r for r in read_jsonl(tmp_path / "pack" / "metrics.jsonl") if "loss" in r]
+    assert all(0 <= r["padding"] < 1 and r["tokens_per_s"] > 0 and r["data_wait_s"] >= 0 for r in rows)
+    assert padded["mfu"] is None  # no GPU: no peak to divide by, so no made-up figure
+
+
+def test_model_flops_count_the_linear_maps_and_what_trains(tiny_llama):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama)
+    c = model.config
+    kv = c.hidden_size // c.num_attention_heads * c.num_key_value_heads
+    per_layer = c.hidden_size * (2 * c.hidden_size + 2 * kv) + 3 * c.hidden_size * c.intermediate_size
+    full = FlopsModel.of(model)
+    assert full.matmul_params == c.num_hidden_layers * per_layer + c.hidden_size * c.vocab_size
+    assert full.trained_matmul_params == full.matmul_params
+    adapted = get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj"]))
+    lora = FlopsModel.of(adapted)
+    lora_size = c.num_hidden_layers * 4 * 2 * c.hidden_size
+    assert lora.matmul_params == full.matmul_params + lora_size and lora.trained_matmul_params == lora_size
+    assert lora.step_flops(100, 0) == 100 * (4 * lora.matmul_params + 2 * lora_size)
+    assert lora.step_flops(0, 10) == 3 * 4 * c.num_hidden_layers * c.hidden_size * 10
+
+
+def test_peak_flops_are_looked_up_by_device_name(monkeypatch):
+    assert device_peak_flops(torch.device("cpu"), "bf16") is None
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H100 PCIe")
+    assert device_peak_flops(torch.device("cuda"), "bf16") == PEAK_FLOPS["H100 PCIe"]["bf16"]
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H100 80GB HBM3")
+    assert device_peak_flops(torch.device("cuda"), "bf16") == 989e12
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Some Future GPU")
+    assert device_peak_flops(torch.device("cuda"), "bf16") is None

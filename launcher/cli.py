@@ -7,6 +7,7 @@
     tunefleet cancel SWEEP_OR_RUN
     tunefleet collect SWEEP
     tunefleet validate recipe=qlora
+    tunefleet plan recipe=lora_zero3 distributed.num_processes=8 --device-memory 80GiB [--json]
     tunefleet recipes
     tunefleet keys [section]
     tunefleet merge runs/lora-20261122-101500 [--dtype bfloat16]
@@ -170,6 +171,12 @@ def cmd_merge(words: list[str]) -> int:
     return 0
 
 
+def cmd_plan(words: list[str]) -> int:
+    from launcher.planning.plan import plan_command
+
+    return plan_command(words)
+
+
 def cmd_submit(words: list[str]) -> int:
     from launcher.cluster.submit import cmd_submit as submit
 
@@ -194,7 +201,7 @@ def cmd_collect(words: list[str]) -> int:
     return collect(words)
 
 
-COMMANDS = {"run": cmd_run, "submit": cmd_submit, "status": cmd_status, "cancel": cmd_cancel, "collect": cmd_collect, "validate": cmd_validate, "recipes": cmd_recipes, "keys": cmd_keys, "merge": cmd_merge}
+COMMANDS = {"run": cmd_run, "submit": cmd_submit, "status": cmd_status, "cancel": cmd_cancel, "collect": cmd_collect, "validate": cmd_validate, "plan": cmd_plan, "recipes": cmd_recipes, "keys": cmd_keys, "merge": cmd_merge}
 
 
 def main(argv: list[str] | None = None) -> int:

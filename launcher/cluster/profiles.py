@@ -43,6 +43,8 @@ class ClusterProfile(BaseModel):
     signal_seconds: int = Field(120, ge=10, description="Seconds before the time limit at which the job checkpoints "
                                                          "(--signal=B:USR1@N); one step plus a checkpoint must fit.")
     max_restarts: int = Field(3, ge=0, description="How often a job that checkpointed may requeue itself.")
+    device_memory: Optional[str] = Field(None, description="Memory of one GPU, e.g. 80GiB: `tunefleet plan` checks "
+                                                          "the run fits it.")
     array_parallelism: Optional[int] = Field(None, ge=1, description="A sweep's runs at most running at once "
                                                                      "(the %N of its job array); unset: no cap.")
     python: Optional[str] = Field(None, description="The Python with tunefleet installed on the nodes "

@@ -91,6 +91,8 @@ def materialize(name: str) -> str:
         target = build_once(cache_root() / "models" / _cache_key(path), lambda tmp: _unzip(path, tmp))
         return str(_model_folder_in(target))
     if path.suffix == ".gguf":
-        print(f"[tunefleet] converting {path.name} to safetensors once (cached in {cache_root() / 'models'})", flush=True)
-        return str(build_once(cache_root() / "models" / _cache_key(path), lambda tmp: _convert_gguf(path, tmp)))
+        target = cache_root() / "models" / _cache_key(path)
+        if not target.exists():  # said only when it happens: a cached conversion costs nothing
+            print(f"[tunefleet] converting {path.name} to safetensors once (cached in {target.parent})", flush=True)
+        return str(build_once(target, lambda tmp: _convert_gguf(path, tmp)))
     raise UserError(f"model.name={name}: expected a model folder, a .gguf file or a .zip of a model folder")

@@ -1,0 +1,126 @@
+"""A model's shape from its configuration alone: never its weights, never torch.
+
+Sources, as `model.name` allows them: a local folder's config.json; a .gguf file's metadata
+(read by the `gguf` package, which maps the file and parses only its header); a zipped model
+folder inside a package (config.json read from the archive); a hub id whose config is in the
+local Hugging Face cache. Two families are described: llama-like decoders (llama, mistral,
+qwen2/3, smollm: gated MLP, grouped-query attention) and BERT-like encoders.
+"""
+
+from __future__ import annotations
+
+import json
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from launcher.errors import UserError
+
+DECODER_TYPES = ("llama", "mistral", "qwen2", "qwen3", "smollm3", "granite", "olmo2")
+ENCODER_TYPES = ("bert", "roberta", "xlm-roberta", "electra")
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    family: str  # "decoder" or "encoder"
+    model_type: str
+    vocab: int
+    hidden: int
+    intermediate: int
+    layers: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    tied_embeddings: bool
+    qkv_bias: bool = False
+    positions: int = 0  # learned position embeddings (encoders)
+    token_types: int = 0
+
+    @property
+    def kv_dim(self) -> int:
+        return self.kv_heads * self.head_dim
+
+
+def shape_from_config(config: dict, where: str) -> ModelShape:
+    model_type = config.get("model_type", "")
+    if model_type in DECODER_TYPES:
+        heads = config["num_attention_heads"]
+        hidden = config["hidden_size"]
+        return ModelShape(
+            family="decoder", model_type=model_type, vocab=config["vocab_size"], hidden=hidden,
+            intermediate=config["intermediate_size"], layers=config["num_hidden_layers"], heads=heads,
+            kv_heads=config.get("num_key_value_heads") or heads,
+            head_dim=config.get("head_dim") or hidden // heads,
+            tied_embeddings=bool(config.get("tie_word_embeddings", model_type != "llama")),
+            qkv_bias=bool(config.get("attention_bias", model_type == "qwen2")),
+        )
+    if model_type in ENCODER_TYPES:
+        heads = config["num_attention_heads"]
+        return ModelShape(
+            family="encoder", model_type=model_type, vocab=config["vocab_size"], hidden=config["hidden_size"],
+            intermediate=config["intermediate_size"], layers=config["num_hidden_layers"], heads=heads,
+            kv_heads=heads, head_dim=config["hidden_size"] // heads, tied_embeddings=True, qkv_bias=True,
+            positions=config.get("max_position_embeddings", 512), token_types=config.get("type_vocab_size", 2),
+        )
+    raise UserError(f"{where}: model_type '{model_type}' is not one tunefleet plan can size yet "
+                    f"(decoders: {', '.join(DECODER_TYPES)}; encoders: {', '.join(ENCODER_TYPES)})")
+
+
+def shape_from_gguf(path: Path) -> ModelShape:
+    from gguf import GGUFReader
+
+    reader = GGUFReader(str(path))
+
+    def field(key: str, default=None):
+        found = reader.fields.get(key)
+        if found is None:
+            return default
+        value = found.parts[found.data[0]]
+        return value.tobytes().decode() if found.types and found.types[0].name == "STRING" else int(value[0])
+
+    arch = field("general.architecture")
+    prefix = f"{arch}."
+    heads = field(prefix + "attention.head_count")
+    hidden = field(prefix + "embedding_length")
+    tokens = reader.fields["tokenizer.ggml.tokens"]
+    config = {
+        "model_type": arch, "vocab_size": len(tokens.data), "hidden_size": hidden,
+        "intermediate_size": field(prefix + "feed_forward_length"), "num_hidden_layers": field(prefix + "block_count"),
+        "num_attention_heads": heads, "num_key_value_heads": field(prefix + "attention.head_count_kv", heads),
+        # A separate output matrix is stored only when the head is not tied to the embeddings.
+        "tie_word_embeddings": not any(t.name == "output.weight" for t in reader.tensors),
+    }
+    return shape_from_config(config, str(path))
+
+
+def read_shape(name: str, revision: str | None = None) -> ModelShape:
+    from launcher.model.sources import local_path_of
+
+    path = local_path_of(name)
+    if path is None:
+        return shape_from_config(_hub_config(name, revision), name)
+    if path.is_dir():
+        config = path / "config.json"
+        if not config.exists():
+            raise UserError(f"model.name={name}: the folder has no config.json")
+        return shape_from_config(json.loads(config.read_text()), str(config))
+    if path.suffix == ".gguf":
+        return shape_from_gguf(path)
+    if path.suffix == ".zip":
+        with zipfile.ZipFile(path) as archive:
+            configs = sorted((n for n in archive.namelist() if n.endswith("config.json")
+                              and Path(n).name == "config.json"), key=len)
+            if not configs:
+                raise UserError(f"model.name={name}: the archive holds no config.json")
+            return shape_from_config(json.loads(archive.read(configs[0])), f"{path}:{configs[0]}")
+    raise UserError(f"model.name={name}: cannot read a model configuration from {path.name}")
+
+
+def _hub_config(name: str, revision: str | None) -> dict:
+    from huggingface_hub import try_to_load_from_cache
+
+    cached = try_to_load_from_cache(name, "config.json", revision=revision)
+    if not isinstance(cached, str):
+        raise UserError(f"model.name={name}: its config.json is not in the local Hugging Face cache and no hub "
+                        "is reachable; point model.name at a local model folder, .gguf file or pkg: source")
+    return json.loads(Path(cached).read_text())

@@ -241,3 +241,12 @@ def test_plan_for_a_cluster_previews_the_sbatch_file():
     assert done.returncode == 0, done.stderr
     assert "#SBATCH --nodes=2" in done.stdout and "sbatch --parsable" in done.stdout
     assert "world size 16" in done.stdout and "fits 80" in done.stdout  # the example profile's 8 GPUs of 80 GiB
+
+
+def test_the_planner_sizes_loss_chunks_as_training_does():
+    from launcher.planning.memory import chunk_tokens as planned
+    from launcher.train.chunked_loss import chunk_tokens as trained
+
+    for tokens in (1, 100, 512, 4096, 65536):
+        for vocab, hidden in ((49152, 576), (151936, 896), (32000, 4096), (512, 64)):
+            assert planned(tokens, vocab, hidden) == trained(tokens, vocab, hidden)

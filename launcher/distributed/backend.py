@@ -36,6 +36,10 @@ class Backend(Protocol):
     def check_accelerator(self, accelerator) -> None:
         """Refuse to train if accelerate set up something other than this backend."""
 
+    def build_model(self, accelerator, build) -> torch.nn.Module:
+        """This rank's model from `build(on_meta)`: every rank loads the weights (`build(False)`), or a
+        backend that fills ranks from rank 0 in `prepare` lets the others build on the meta device."""
+
     def prepare(self, accelerator, model: torch.nn.Module, make_optimizer) -> tuple[torch.nn.Module, Any]:
         """Wrap or shard the model, build the optimizer with `make_optimizer(model)`; return both."""
 

@@ -36,6 +36,9 @@ class DdpBackend:
     def check_accelerator(self, accelerator) -> None:
         pass
 
+    def build_model(self, accelerator, build):
+        return build(False)  # every rank holds the whole model anyway
+
     def prepare(self, accelerator, model, make_optimizer):
         partial = any(not p.requires_grad for p in model.parameters())
         model, optimizer = accelerator.prepare(model, make_optimizer(model))

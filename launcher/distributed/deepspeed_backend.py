@@ -72,6 +72,11 @@ class DeepSpeedBackend:
 
         return lambda groups, lr, betas: DeepSpeedCPUAdam(groups, lr=lr, betas=betas, adamw_mode=True)
 
+    def build_model(self, accelerator, build):
+        # Every rank loads; under ZeRO-3 from_pretrained partitions while loading (zero.Init, switched
+        # on by accelerate's DeepSpeed plugin), so no rank holds the whole model.
+        return build(False)
+
     def prepare(self, accelerator, model, make_optimizer):
         return accelerator.prepare(model, make_optimizer(model, self.optimizer_class()))
 

@@ -9,11 +9,17 @@ a unit (FSDP2 shards per parameter), which is what adapters need.
 Checkpoints use torch.distributed.checkpoint: every rank writes its shards, and loading reshards,
 so a run may resume at a different world size. Artifacts are saved from a gathered full state
 dict, never from a rank's shard.
+
+With more than one process, only global rank 0 reads the weights; the others build the model on
+the meta device and are filled from rank 0 after sharding (launcher.model.lean_load), so host
+memory does not grow with the processes per machine. TUNEFLEET_FSDP_FULL_LOAD=1 makes every rank
+load instead: a debugging switch, to compare the two (rank 0's value decides for all ranks).
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
 import random
 from pathlib import Path
 
@@ -21,6 +27,9 @@ import numpy as np
 import torch
 
 from launcher.methods.common import transformer_layers
+from launcher.model import lean_load
+
+FULL_LOAD_ENV = "TUNEFLEET_FSDP_FULL_LOAD"  # debugging switch: every rank loads the weights
 
 
 class FsdpBackend:
@@ -33,6 +42,7 @@ class FsdpBackend:
         self.precision = precision
         self.sharding = recipe.distributed.fsdp_sharding
         self.cpu_offload = recipe.distributed.fsdp_cpu_offload
+        self.loading: lean_load.LoadRecord | None = None  # set by build_model
 
     @property
     def name(self) -> str:
@@ -46,6 +56,20 @@ class FsdpBackend:
 
     def check_accelerator(self, accelerator) -> None:
         pass
+
+    def build_model(self, accelerator, build):
+        if accelerator.num_processes == 1:
+            self.loading = lean_load.LoadRecord(how=lean_load.EVERY_RANK, why="one process")
+            return build(False)
+        # Rank 0 decides: ranks that disagreed on who loads would wait on each other forever.
+        if _from_rank0(os.environ.get(FULL_LOAD_ENV) == "1"):
+            self.loading = lean_load.LoadRecord(how=lean_load.EVERY_RANK, why=f"{FULL_LOAD_ENV}=1 (debugging switch)")
+            return build(False)
+        model, self.loading = lean_load.build_everywhere(build)
+        # Building for real may draw random numbers that building on meta does not (a new classification
+        # head): continue from rank 0's generators, as if every rank had loaded (dropout masks match).
+        _set_rng_state(_from_rank0(_rng_state()))
+        return model
 
     def _mesh(self, accelerator):
         from torch.distributed.device_mesh import init_device_mesh
@@ -65,7 +89,13 @@ class FsdpBackend:
 
         if not torch.distributed.is_initialized():
             _single_process_group(accelerator)
-        model.to(accelerator.device)
+        lean = self.loading is not None and self.loading.lean
+        source = lean_load.source_state(model) if lean and accelerator.is_main_process else None
+        if self.loading is not None:  # the record that this rank held no weights
+            self.loading.params_on_meta_before_sharding = _gather(all(p.is_meta for p in model.parameters()),
+                                                                  accelerator.num_processes)
+        if not any(p.is_meta for p in model.parameters()):  # a meta rank's shards are allocated after sharding
+            model.to(accelerator.device)
         options = {
             "mesh": self._mesh(accelerator),
             # shard_grad_op keeps parameters gathered from forward to backward: less traffic, more memory.
@@ -80,6 +110,11 @@ class FsdpBackend:
         for block in blocks:
             fully_shard(block, **options)
         fully_shard(model, **options)
+        if lean:
+            device = torch.device("cpu") if self.cpu_offload else accelerator.device
+            self.loading.broadcast_buffers = lean_load.fill_from_rank0(
+                model, source, device=device, buffer_device=accelerator.device, tied=self.loading.tied)
+            del source  # rank 0's whole tensors: its shards are copies
         if hasattr(model, "generate"):
             # generate() bypasses the root's forward, and with it the hook that gathers the root's own
             # parameters (embeddings, head): register it as a forward method.
@@ -152,7 +187,8 @@ class FsdpBackend:
             "sharding": self.sharding, "cpu_offload": self.cpu_offload,
             "reshard_after_forward": self.sharding != "shard_grad_op",
             "param_dtype": "bfloat16" if self.precision == "bf16" else "float32", "reduce_dtype": "float32",
-            "units": f"each of the {self.num_units} transformer blocks ({self.block_class}), then the root"}}
+            "units": f"each of the {self.num_units} transformer blocks ({self.block_class}), then the root",
+            "model_loading": self.loading.as_json() if self.loading else None}}
 
     def resume_fingerprint(self) -> dict:
         # The sharding mode and offload change only where shards live; DCP reshards on load.
@@ -165,6 +201,18 @@ def _single_process_group(accelerator) -> None:
 
     backend = "gloo" if accelerator.device.type == "cpu" else "nccl"
     torch.distributed.init_process_group(backend, init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
+
+
+def _from_rank0(value):
+    sent = [value]
+    torch.distributed.broadcast_object_list(sent, src=0)
+    return sent[0]
+
+
+def _gather(value, world_size: int) -> list:
+    gathered = [None] * world_size
+    torch.distributed.all_gather_object(gathered, value)
+    return gathered
 
 
 def _rng_state() -> dict:

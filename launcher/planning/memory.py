@@ -59,9 +59,11 @@ class Estimate:
 
 
 def chunk_tokens(tokens: int, vocab: int, hidden: int) -> int:
-    """Tokens per chunk of the chunked loss: its logits are about as large as the hidden states."""
+    """Tokens per chunk of train.chunked_loss: one chunk's logits about as large as the hidden states,
+    but at least 256 tokens. A torch-free twin of launcher.train.chunked_loss.chunk_tokens (the
+    planner may not import torch); tests/test_plan.py checks they agree."""
     wanted = max(1, -(-tokens // max(1, -(-vocab // hidden))))
-    return 1 << (wanted - 1).bit_length()
+    return max(1 << (wanted - 1).bit_length(), 256)
 
 
 def _block_elements(shape: ModelShape, regime: str) -> int:

@@ -13,6 +13,7 @@ import os
 import sys
 from dataclasses import dataclass
 from datetime import timedelta
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -26,6 +27,7 @@ from launcher.distributed.backend import Backend, make_backend
 from launcher.errors import UserError
 from launcher.methods import METHODS
 from launcher.methods.common import MethodContext, float32_trainable, parameter_counts
+from launcher.model.lean_load import build_on_meta
 from launcher.model.sources import materialize
 from launcher.outputs.run_dir import write_json, write_resolved_recipe
 from launcher.train.optim import build_optimizer, build_scheduler, describe_optimizer
@@ -89,7 +91,10 @@ def load_tokenizer(model_path: str, recipe: Recipe):
     return tokenizer
 
 
-def load_model(model_path: str, recipe: Recipe, label_names: list[str] | None, device: torch.device):
+def load_model(model_path: str, recipe: Recipe, label_names: list[str] | None, device: torch.device,
+               on_meta: bool = False):
+    """The pretrained model; with `on_meta`, the same model built from its config on the meta device
+    (no weights read: a rank that lean loading fills from rank 0, launcher.model.lean_load)."""
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
     method = METHODS[recipe.peft.method]
@@ -99,15 +104,41 @@ def load_model(model_path: str, recipe: Recipe, label_names: list[str] | None, d
         "dtype": getattr(torch, recipe.model.dtype),
     }
     if hasattr(method, "load_kwargs"):
+        if on_meta:
+            raise NotImplementedError(f"peft.method={recipe.peft.method} changes how the weights load")
         kwargs.update(method.load_kwargs(recipe.peft, device, recipe.model.task))
     if label_names:
         kwargs.update(num_labels=len(label_names), id2label=dict(enumerate(label_names)),
                       label2id={name: i for i, name in enumerate(label_names)})
     auto_class = AutoModelForSequenceClassification if recipe.model.task == "classification" else AutoModelForCausalLM
     try:
+        if on_meta:
+            return build_on_meta(auto_class, model_path, kwargs)
         return auto_class.from_pretrained(model_path, **kwargs)
     except OSError as err:
         raise UserError(f"could not load model.name={recipe.model.name}: {str(err).splitlines()[0]}") from None
+
+
+def build_model(model_path: str, recipe: Recipe, label_names: list[str] | None, pad_token_id: int | None,
+                device: torch.device, on_meta: bool) -> torch.nn.Module:
+    """The model as training starts: loaded (or built on meta), checkpointing set, the method applied."""
+    # Seeded here, not once per run: a rank that tries the meta device and falls back rebuilds with
+    # the same draws (adapter initialisation) as rank 0.
+    _seed_everything(recipe.train.seed)
+    model = load_model(model_path, recipe, label_names, device, on_meta=on_meta)
+    if recipe.train.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=GRADIENT_CHECKPOINTING_KWARGS)
+    # Training and evaluation never reuse keys and values; and with a cache transformers ignores the
+    # packed-sequence position ids (data.packing=pack). generate() turns it back on for samples.
+    model.config.use_cache = False
+    if model.config.pad_token_id is None:
+        model.config.pad_token_id = pad_token_id
+    ctx = MethodContext(task=recipe.model.task, model_path=model_path,
+                        gradient_checkpointing=recipe.train.gradient_checkpointing,
+                        gradient_checkpointing_kwargs=GRADIENT_CHECKPOINTING_KWARGS)
+    model = METHODS[recipe.peft.method].apply(model, recipe.peft, ctx)
+    float32_trainable(model)
+    return model
 
 
 def _seed_everything(seed: int) -> None:
@@ -168,21 +199,16 @@ def build_run(recipe: Recipe, recipe_name: str, command: list[str]) -> Run:
     resumed_state = None
     if resume_from is not None:  # refused here, before the model loads, if it may not be continued
         resumed_state = check_resumable(resume_from, recipe, accelerator.num_processes, backend, data.cache_key)
-    _seed_everything(recipe.train.seed)
 
-    model = load_model(model_path, recipe, data.label_names, accelerator.device)
-    if recipe.train.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=GRADIENT_CHECKPOINTING_KWARGS)
-    # Training and evaluation never reuse keys and values; and with a cache transformers ignores the
-    # packed-sequence position ids (data.packing=pack). generate() turns it back on for samples.
-    model.config.use_cache = False
-    if model.config.pad_token_id is None:
-        model.config.pad_token_id = tokenizer.pad_token_id
-    ctx = MethodContext(task=recipe.model.task, model_path=model_path,
-                        gradient_checkpointing=recipe.train.gradient_checkpointing,
-                        gradient_checkpointing_kwargs=GRADIENT_CHECKPOINTING_KWARGS)
-    model = METHODS[recipe.peft.method].apply(model, recipe.peft, ctx)
-    float32_trainable(model)
+    # The backend decides which ranks read the weights; the others build on the meta device.
+    model = backend.build_model(accelerator, partial(build_model, model_path, recipe, data.label_names,
+                                                     tokenizer.pad_token_id, accelerator.device))
+    from launcher.train.chunked_loss import prepare_chunked_loss
+
+    unchunked = prepare_chunked_loss(model, recipe)  # before the backend wraps the model
+    if recipe.model.task == "causal_lm":
+        announce("loss: cross-entropy in chunks of tokens (no full logits)" if unchunked is None
+                 else f"loss: cross-entropy over full logits ({unchunked})", is_main)
     trainable, total = parameter_counts(model)
     announce(f"method {recipe.peft.method}: {trainable:,} trainable of {total:,} parameters "
              f"({100 * trainable / total:.4f}%)", is_main)

@@ -12,6 +12,7 @@ import math
 import torch
 
 from launcher.data.batches import collate, count_targets
+from launcher.train.step import micro_batch_loss
 
 
 def classification_metrics(confusion: torch.Tensor) -> dict[str, float]:
@@ -69,9 +70,8 @@ def evaluate(model, dataset, *, accelerator, batch_size: int, pad_token_id: int,
             pairs = batch["labels"] * num_labels + logits.argmax(-1)
             confusion += torch.bincount(pairs, minlength=num_labels * num_labels).view(num_labels, num_labels)
         else:
-            # num_items_in_batch=1 makes transformers' loss return the sum over predicted tokens.
-            out = model(**batch, num_items_in_batch=1)
-            loss_sum += out.loss.double()
+            # A normaliser of 1: the sum over predicted tokens, chunked like training's (no full logits).
+            loss_sum += micro_batch_loss(model, batch, torch.ones((), device=accelerator.device), False).double()
         targets += n
     progress.close()
     stacked = torch.cat([loss_sum.view(1), targets.view(1)])

@@ -1,0 +1,339 @@
+"""The chunked (fused linear) cross-entropy gives transformers' loss and gradients, in one process
+and under every backend at world size 2, without the full logits."""
+
+import copy
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from launcher.data.batches import collate, pack
+from launcher.data.formats import IGNORE
+from launcher.train import chunked_loss
+from launcher.train.chunked_loss import (
+    causal_lm_loss, chunk_tokens, chunked_loss_prepared, linear_cross_entropy, prepare_chunked_loss,
+)
+from launcher.train.step import micro_batch_loss
+
+
+class _Recipe:
+    """The two keys prepare_chunked_loss reads."""
+
+    def __init__(self, chunked=True, task="causal_lm"):
+        self.train = type("Train", (), {"chunked_loss": chunked})()
+        self.model = type("Model", (), {"task": task})()
+
+
+SHAPES = {  # (vocab, hidden, layers, heads, kv heads, intermediate)
+    "tiny": (512, 64, 2, 4, 2, 128),
+    "smollm2": (49152, 576, 1, 9, 3, 1536),  # SmolLM2-135M's head shape, one block
+}
+
+
+def build(shape: str, method: str, tied: bool = True):
+    """A random Llama of this shape with the method applied (full_untied: its own output head)."""
+    from peft import LoraConfig, PrefixTuningConfig, PromptTuningConfig, get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    vocab, hidden, layers, heads, kv, inter = SHAPES[shape]
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(
+        vocab_size=vocab, hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
+        num_attention_heads=heads, num_key_value_heads=kv, max_position_embeddings=256,
+        tie_word_embeddings=tied, use_cache=False))
+    if method in ("full", "full_untied"):
+        return model
+    model.requires_grad_(False)
+    config = {
+        # B random, not zero: otherwise the first gradient of every A is zero and proves nothing.
+        "lora": lambda: LoraConfig(task_type="CAUSAL_LM", r=4, target_modules=["q_proj", "v_proj"],
+                                   lora_dropout=0.0, init_lora_weights=False),
+        "lora_saved_head": lambda: LoraConfig(task_type="CAUSAL_LM", r=4, target_modules=["q_proj"],
+                                              modules_to_save=["lm_head"], init_lora_weights=False),
+        "prompt_tuning": lambda: PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=3),
+        "prefix_tuning": lambda: PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=3),
+    }[method]()
+    return get_peft_model(model, config)
+
+
+def batch(layout: str, vocab: int) -> dict:
+    """Examples with an ignored prompt (or none, for plain text) in the padded or packed layout."""
+    generator = torch.Generator().manual_seed(1)
+    rows = []
+    for n, prompt in ((23, 5), (9, 0), (31, 12), (4, 1)):
+        ids = torch.randint(3, vocab, (n,), generator=generator).tolist()
+        rows.append({"input_ids": ids, "labels": [IGNORE] * prompt + ids[prompt:]})
+    return pack(rows, capacity=40, pad_token_id=0) if layout == "packed" else collate(rows, pad_token_id=0)
+
+
+def loss_and_grads(model, inputs: dict, chunked: bool, precision: str):
+    """The loss, the gradient of the head's input, and those of every trainable parameter."""
+    model.zero_grad(set_to_none=True)
+    seen = {}
+
+    def keep_input(module, args):
+        args[0].retain_grad()
+        seen["hidden"] = args[0]
+
+    hook = model.get_output_embeddings().register_forward_pre_hook(keep_input)
+    normalizer = torch.tensor(7.0)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "autocast"):
+        if chunked:
+            loss = causal_lm_loss(model, inputs, normalizer)
+        else:
+            loss = model(**inputs, num_items_in_batch=normalizer).loss
+    loss.backward()
+    hook.remove()
+    grads = {name: p.grad.clone() for name, p in model.named_parameters() if p.requires_grad}
+    return loss.detach(), seen["hidden"].grad.clone(), grads
+
+
+def assert_close(actual, expected, precision: str, what: str):
+    """Within rounding, measured against the tensor's scale: float32 sums over a 49k vocabulary in
+    another order (chunk by chunk) differ by ~1e-6 of the largest entry; bfloat16 products by ~1e-2."""
+    scale = expected.float().abs().max().clamp(min=1e-12)
+    error = float((actual.float() - expected.float()).abs().max() / scale)
+    assert error < (2e-5 if precision == "fp32" else 3e-2), f"{what}: relative error {error:.3g}"
+
+
+@pytest.fixture
+def small_chunks(monkeypatch):
+    """The formula's own chunk sizes (no 256-token floor), so that these small batches use many chunks."""
+    monkeypatch.setattr(chunked_loss, "MIN_CHUNK_TOKENS", 16)
+
+
+CASES = [
+    # (shape, method, layout, precision)
+    *[("tiny", m, "padded", "fp32")
+      for m in ("full", "full_untied", "lora", "lora_saved_head", "prompt_tuning", "prefix_tuning")],
+    ("tiny", "full", "packed", "fp32"),
+    ("tiny", "lora", "packed", "fp32"),
+    ("tiny", "full_untied", "padded", "autocast"),
+    ("tiny", "prompt_tuning", "padded", "autocast"),
+    ("tiny", "lora", "padded", "bf16_weights"),
+    ("smollm2", "full", "padded", "fp32"),
+    ("smollm2", "lora", "packed", "fp32"),
+    ("smollm2", "lora", "padded", "autocast"),
+    ("smollm2", "lora", "padded", "bf16_weights"),
+]
+
+
+@pytest.mark.parametrize("shape,method,layout,precision", CASES, ids=["-".join(c) for c in CASES])
+def test_loss_and_gradients_match_transformers(shape, method, layout, precision, small_chunks):
+    model = build(shape, method, tied=method not in ("full_untied", "lora_saved_head"))
+    if precision == "bf16_weights":  # a half-precision base with float32 adapters, as float32_trainable leaves it
+        model.to(torch.bfloat16)
+        for p in model.parameters():
+            if p.requires_grad:
+                p.data = p.data.float()
+    inputs = batch(layout, SHAPES[shape][0])
+    vocab, hidden = SHAPES[shape][:2]
+    assert chunk_tokens(inputs["input_ids"].numel(), vocab, hidden) < int((inputs["labels"] != IGNORE).sum()) / 2
+    expected = loss_and_grads(model, inputs, chunked=False, precision=precision)
+    assert prepare_chunked_loss(model, _Recipe()) is None
+    actual = loss_and_grads(model, inputs, chunked=True, precision=precision)
+    tight = "fp32" if precision == "fp32" else "bf16"
+    torch.testing.assert_close(actual[0], expected[0], rtol=1e-5 if tight == "fp32" else 2e-3, atol=0)
+    assert actual[1].dtype == expected[1].dtype
+    assert_close(actual[1], expected[1], tight, "hidden states")
+    assert actual[2].keys() == expected[2].keys() and actual[2]
+    for name in expected[2]:
+        assert actual[2][name].dtype == expected[2][name].dtype, name
+        assert_close(actual[2][name], expected[2][name], tight, name)
+    if method == "full_untied":
+        assert "lm_head.weight" in expected[2]  # its gradient comes from the chunked loss alone
+
+
+def test_linear_cross_entropy_with_bias_ignored_rows_and_a_ragged_last_chunk(small_chunks):
+    torch.manual_seed(0)
+    hidden = torch.randn(2, 37, 16, requires_grad=True)
+    weight = torch.randn(100, 16, requires_grad=True)
+    bias = torch.randn(100, requires_grad=True)
+    labels = torch.randint(0, 100, (2, 37))
+    labels[0, :10] = IGNORE
+    expected = F.cross_entropy(F.linear(hidden, weight, bias).reshape(-1, 100), labels.reshape(-1), reduction="sum")
+    grads = torch.autograd.grad(expected * 0.5, (hidden, weight, bias))
+    actual = linear_cross_entropy(hidden, weight, bias, labels)
+    torch.testing.assert_close(actual, expected)
+    for a, e in zip(torch.autograd.grad(actual * 0.5, (hidden, weight, bias)), grads):
+        torch.testing.assert_close(a, e)
+
+    nothing = linear_cross_entropy(hidden, weight, bias, torch.full((2, 37), IGNORE))
+    assert float(nothing.detach()) == 0.0
+    assert all(float(g.abs().sum()) == 0 for g in torch.autograd.grad(nothing, (hidden, weight, bias)))
+
+
+def test_frozen_head_gets_no_gradient_computed():
+    hidden = torch.randn(8, 16, requires_grad=True)
+    weight = torch.randn(50, 16)  # frozen, as under LoRA
+    loss = linear_cross_entropy(hidden, weight, None, torch.randint(0, 50, (8,)))
+    (grad,) = torch.autograd.grad(loss, hidden)
+    assert grad.shape == hidden.shape and weight.grad is None
+
+
+def test_chunk_size_keeps_one_chunk_of_logits_near_the_hidden_states(monkeypatch):
+    assert chunk_tokens(8 * 512, 49152, 576) == 256  # the formula's 64, raised to the floor
+    assert chunk_tokens(16 * 2048, 49152, 576) == 512  # ceil(32768 / 86) = 382 -> 512
+    assert chunk_tokens(1, 49152, 576) == 256
+    monkeypatch.setattr(chunked_loss, "MIN_CHUNK_TOKENS", 1)
+    assert chunk_tokens(8 * 512, 49152, 576) == 64  # SmolLM2: 86 chunks -> ceil(4096/86) = 48 -> 64
+    assert chunk_tokens(1, 49152, 576) == 1
+    assert chunk_tokens(100, 512, 64) == 16  # 8 chunks -> 13 -> 16
+    for n, v, h in ((4096, 49152, 576), (2048, 151936, 896), (777, 32000, 4096)):
+        size = chunk_tokens(n, v, h)
+        assert size & (size - 1) == 0
+        assert size * v <= 2 * n * h + 2 * v  # at most twice the hidden states (power-of-two rounding)
+
+
+def test_patched_head_is_a_plain_head_outside_the_loss():
+    model = build("tiny", "lora")
+    inputs = {k: v for k, v in batch("padded", 512).items() if k != "labels"}
+    before = model(**inputs).logits
+    names = [n for n, _ in model.named_parameters()]
+    prepare_chunked_loss(model, _Recipe())
+    torch.testing.assert_close(model(**inputs).logits, before)  # evaluation and generate() see logits
+    assert [n for n, _ in model.named_parameters()] == names  # no wrapper module: same parameter names
+    twin = copy.deepcopy(model)  # the patched forward is a bound method: it follows the copy
+    head = twin.get_output_embeddings()
+    assert head.forward.__self__ is head
+
+
+def test_labels_are_cleared_when_the_forward_fails():
+    model = build("tiny", "full")
+    prepare_chunked_loss(model, _Recipe())
+    bad = {"input_ids": torch.tensor([[1, 2, 3]]), "attention_mask": torch.ones(1, 3, dtype=torch.long),
+           "position_ids": torch.zeros(2, 9, dtype=torch.long), "labels": torch.tensor([[1, 2, 3]])}
+    with pytest.raises(Exception):
+        causal_lm_loss(model, bad, torch.tensor(1.0))
+    assert chunked_loss._pending.labels is None
+    assert model(input_ids=bad["input_ids"]).logits.shape == (1, 3, 512)
+
+
+def test_micro_batch_loss_takes_the_chunked_path_through_ddp():
+    """DDP hides the model's attributes behind .module: the mark must still be found, and the
+    gradients must come through DDP's reducer the same (a real one, on a one-rank gloo group)."""
+    import torch.distributed as dist
+
+    from launcher.distributed.rendezvous import free_port
+
+    inputs = batch("padded", 512)
+    plain = build("tiny", "lora")
+    expected = micro_batch_loss(plain, inputs, torch.tensor(5.0), classification=False)
+    expected.backward()
+    model = build("tiny", "lora")
+    assert prepare_chunked_loss(model, _Recipe()) is None
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
+    try:
+        wrapped = torch.nn.parallel.DistributedDataParallel(model)
+        assert chunked_loss_prepared(wrapped) and not chunked_loss_prepared(plain)
+        pending = chunked_loss._pending
+        calls = []
+        head = model.get_output_embeddings()
+        hook = head.register_forward_hook(lambda m, args, out: calls.append((out.ndim, pending.labels is not None)))
+        got = micro_batch_loss(wrapped, inputs, torch.tensor(5.0), classification=False)
+        got.backward()
+        hook.remove()
+    finally:
+        dist.destroy_process_group()
+    assert calls == [(0, True)]  # the head returned the loss: the chunked path ran
+    torch.testing.assert_close(got, expected)
+    grads = {n: p.grad for n, p in plain.named_parameters() if p.requires_grad}
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            torch.testing.assert_close(param.grad, grads[name], rtol=1e-4, atol=1e-6)
+
+
+def test_refusals_name_their_reason():
+    assert prepare_chunked_loss(build("tiny", "full"), _Recipe(chunked=False)) == "train.chunked_loss=false"
+    assert "classification" in prepare_chunked_loss(build("tiny", "full"), _Recipe(task="classification"))
+    capped = build("tiny", "full")
+    capped.config.final_logit_softcapping = 30.0
+    assert "final_logit_softcapping" in prepare_chunked_loss(capped, _Recipe())
+    scaled = build("tiny", "full")
+    scaled.config.logit_scale = 0.0625  # Cohere multiplies the logits by it
+    assert "logit_scale" in prepare_chunked_loss(scaled, _Recipe())
+    from peft import LoraConfig, get_peft_model
+
+    plain = build("tiny", "full", tied=False)
+    adapted_head = get_peft_model(plain, LoraConfig(task_type="CAUSAL_LM", r=4, target_modules=["lm_head"]))
+    assert "not a plain Linear" in prepare_chunked_loss(adapted_head, _Recipe())
+    for refused in (capped, scaled, adapted_head):
+        assert not chunked_loss_prepared(refused)
+
+
+# ---------------------------------------------------------------------------- world size 2, for real
+
+
+SAME = ["eval.every_steps=3", "eval.at_start=false", "train.max_steps=3", "train.global_batch_size=4",
+        "eval.sample_prompts=[]"]
+LORA = [*SAME, "peft.dropout=0"]
+CHUNKED = "[tunefleet] loss: cross-entropy in chunks of tokens"
+
+
+@pytest.fixture(scope="module")
+def unchunked_lora(tiny_llama, tmp_path_factory):
+    """The standard loss, micro 4 x accumulation 1 x world 1, in this process."""
+    from tests.helpers import run_in_process
+
+    out = tmp_path_factory.mktemp("unchunked") / "run"
+    run_in_process("lora", tiny_llama, out, *LORA, "train.micro_batch_size=4", "train.chunked_loss=false")
+    return out
+
+
+@pytest.fixture(scope="module")
+def untied_llama(tiny_llama, tmp_path_factory) -> Path:
+    """The tiny llama with its own output head: its weight gets gradients only through the loss."""
+    import shutil
+
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path_factory.mktemp("untied")
+    for file in tiny_llama.iterdir():
+        if "token" in file.name or file.name.startswith("special"):
+            shutil.copy(file, out / file.name)
+    tied = AutoModelForCausalLM.from_pretrained(tiny_llama)
+    tied.config.tie_word_embeddings = False
+    model = type(tied)(tied.config)
+    state = tied.state_dict()
+    torch.manual_seed(1)
+    state["lm_head.weight"] = state["model.embed_tokens.weight"] + 0.02 * torch.randn_like(state["lm_head.weight"])
+    model.load_state_dict(state)
+    model.save_pretrained(out)
+    return out
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backend", ["ddp", "fsdp", "zero3"])
+def test_lora_chunked_at_world_size_2_matches_the_standard_loss(backend, unchunked_lora, tiny_llama, tmp_path):
+    from tests.test_backends import BACKENDS, assert_same_adapter, launch, losses
+
+    done = launch(tmp_path / "run", "lora", tiny_llama, *LORA, "train.micro_batch_size=1", *BACKENDS[backend])
+    assert CHUNKED in done.stdout  # the default: on, not quietly refused
+    assert losses(tmp_path / "run") == pytest.approx(losses(unchunked_lora), rel=1e-5)
+    assert_same_adapter(unchunked_lora, tmp_path / "run")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backend", ["fsdp", "zero3"])
+def test_full_fine_tuning_trains_the_gathered_head_weight(backend, untied_llama, tmp_path):
+    """The head's weight is gathered inside its own forward (ZeRO-3) or with the root (FSDP2); the
+    gradient the loss returns for it must reach the optimizer's shard: the untied head must move
+    exactly as under the standard loss."""
+    from tests.helpers import run_in_process
+    from tests.test_backends import BACKENDS, assert_same_artifact, launch, losses
+
+    words = ["eval.every_steps=null", "train.max_steps=2", "train.global_batch_size=4", "eval.sample_prompts=[]"]
+    done = launch(tmp_path / "run", "full", untied_llama, *words, "train.micro_batch_size=1", *BACKENDS[backend])
+    assert CHUNKED in done.stdout
+    run_in_process("full", untied_llama, tmp_path / "one", *words, "train.micro_batch_size=4",
+                   "train.chunked_loss=false")
+    assert losses(tmp_path / "run") == pytest.approx(losses(tmp_path / "one"), rel=1e-5)
+    from safetensors.torch import load_file
+
+    start, sharded, one = (load_file(str(next(d.glob("*.safetensors"))))["lm_head.weight"]
+                           for d in (untied_llama, tmp_path / "run" / "final", tmp_path / "one" / "final"))
+    # The head moves ~1e-5 in two steps at lr 2e-5, about assert_same_artifact's atol: compare the moves.
+    moved = (one - start).abs().max()
+    assert moved > 0 and (sharded - one).abs().max() < 0.01 * moved
+    assert_same_artifact(tmp_path / "run", tmp_path / "one")

@@ -22,8 +22,9 @@ pytestmark = pytest.mark.slow
 
 
 def worker_pids(run_dir: Path) -> dict[int, int]:
-    """RANK -> pid of the training processes writing to run_dir."""
-    found = {}
+    """RANK -> pid of the training processes writing to run_dir (not their batch-building children,
+    which are forks with the same command line and environment)."""
+    found, parents = {}, {}
     for pid in os.listdir("/proc"):
         if not pid.isdigit():
             continue
@@ -34,10 +35,11 @@ def worker_pids(run_dir: Path) -> dict[int, int]:
             if f"output.dir={run_dir}".encode() not in cmdline:
                 continue
             env = dict(line.split(b"=", 1) for line in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0") if b"=" in line)
-            found[int(env[b"RANK"])] = int(pid)
+            parents[int(pid)] = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+            found[int(pid)] = int(env[b"RANK"])
         except (OSError, KeyError, ValueError):
             continue
-    return found
+    return {rank: pid for pid, rank in found.items() if parents[pid] not in found}
 
 
 def test_a_dead_rank_stops_the_run_within_a_minute(tiny_llama, tmp_path):

@@ -90,7 +90,7 @@ def test_recipe_end_to_end(recipe_name, tiny_llama, tiny_bert, tmp_path):
         assert saved.keys() == trained.keys() and saved
         for key in trained:
             torch.testing.assert_close(saved[key], trained[key], atol=0, rtol=0)
-    if recipe_name in ("lora", "prompt_tuning", "classify_lora", "ia3", "dora", "prefix_tuning", "qlora"):
+    if run.recipe.peft.method in ("lora", "prompt_tuning", "ia3", "dora", "prefix_tuning", "qlora"):
         assert (run_dir / "final" / "adapter_model.safetensors").exists()
     else:
         assert (run_dir / "final" / "model.safetensors").exists()

@@ -45,4 +45,16 @@ def accelerate_command(recipe, words: list[str], *, has_gpu: bool, cpu_count: in
         cores = cpu_count or os.cpu_count() or 1
         if "OMP_NUM_THREADS" not in environ:
             env["OMP_NUM_THREADS"] = str(max(1, cores // dist.num_processes))
+        if "MALLOC_MMAP_THRESHOLD_" not in environ:
+            env["MALLOC_MMAP_THRESHOLD_"] = str(CPU_MMAP_THRESHOLD)
     return argv, env
+
+
+# On CPU every tensor is a glibc allocation. glibc raises its mmap threshold each time a large mmapped
+# block is freed (up to 32 MiB), after which FSDP2's per-block gathered weights and the activations
+# come from the heap, fragment it, and are never returned: a world-size-2 FSDP run on SmolLM2 peaked at
+# 2.0-2.2 GiB per rank, above DDP's 1.6, though each rank holds half the model. A fixed threshold keeps
+# blocks of 1 MiB and more in mmap, returned on free: 1.57 GiB, with no slower steps measured under DDP
+# or FSDP; 128 KiB (glibc's starting value) saved more (1.38 GiB) but made DDP steps ~1.7x slower
+# (benchmarks/fsdp_host_memory.md). A value the user exported is kept.
+CPU_MMAP_THRESHOLD = 1 << 20

@@ -2,6 +2,7 @@
 and under every backend at world size 2, without the full logits."""
 
 import copy
+import os
 from pathlib import Path
 
 import pytest
@@ -210,20 +211,37 @@ def test_labels_are_cleared_when_the_forward_fails():
     assert model(input_ids=bad["input_ids"]).logits.shape == (1, 3, 512)
 
 
-def test_micro_batch_loss_takes_the_chunked_path_through_ddp():
+def test_micro_batch_loss_takes_the_chunked_path_through_ddp(tmp_path):
     """DDP hides the model's attributes behind .module: the mark must still be found, and the
-    gradients must come through DDP's reducer the same (a real one, on a one-rank gloo group)."""
+    gradients must come through DDP's reducer the same (a real one, on a one-rank gloo group).
+
+    The process group lives in a child process with a time limit: a collective stuck inside gloo's
+    C++ never returns to Python, so neither pytest-timeout's signal nor anything else could stop it
+    in the test process, and the group would otherwise outlive the test in pytest's process."""
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    code = ("import faulthandler, sys; faulthandler.dump_traceback_later(240, exit=True); "  # a stack, not a hang
+            "from tests.test_chunked_loss import _chunked_path_through_ddp; _chunked_path_through_ddp(sys.argv[1])")
+    env = {**os.environ, "GLOO_SOCKET_IFNAME": "lo"}  # one rank on this machine: loopback whatever the hostname
+    done = subprocess.run([sys.executable, "-c", code, str(tmp_path / "store")], cwd=root, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "chunked path through DDP: ok" in done.stdout
+
+
+def _chunked_path_through_ddp(store_file: str):
     import torch.distributed as dist
 
-    from launcher.distributed.rendezvous import free_port
-
+    torch.set_num_threads(1)
     inputs = batch("padded", 512)
     plain = build("tiny", "lora")
     expected = micro_batch_loss(plain, inputs, torch.tensor(5.0), classification=False)
     expected.backward()
     model = build("tiny", "lora")
     assert prepare_chunked_loss(model, _Recipe()) is None
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
+    dist.init_process_group("gloo", init_method=f"file://{store_file}", rank=0, world_size=1)
     try:
         wrapped = torch.nn.parallel.DistributedDataParallel(model)
         assert chunked_loss_prepared(wrapped) and not chunked_loss_prepared(plain)
@@ -242,6 +260,7 @@ def test_micro_batch_loss_takes_the_chunked_path_through_ddp():
     for name, param in model.named_parameters():
         if param.requires_grad:
             torch.testing.assert_close(param.grad, grads[name], rtol=1e-4, atol=1e-6)
+    print("chunked path through DDP: ok")
 
 
 def test_refusals_name_their_reason():

@@ -50,13 +50,14 @@ def launching_line(stdout: str) -> str:
 
 def test_launch_command_is_printed_shell_quoted(fake_model, tmp_path, launched, capsys, monkeypatch):
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.delenv("MALLOC_MMAP_THRESHOLD_", raising=False)
     words = ["recipe=lora", f"model.name={fake_model}", "distributed.num_processes=2",
              f"output.dir={tmp_path / HOSTILE_DIR}", """eval.sample_prompts=["it's a \\"test\\""]"""]
     assert cli.main(["run", *words]) == 0
     [(argv, env)] = launched
     printed = shlex.split(launching_line(capsys.readouterr().out))
     # The shell reads back exactly the environment we add and the argv we start, hostile words intact.
-    added = {k: env[k] for k in ("ACCELERATE_USE_CPU", "OMP_NUM_THREADS")}
+    added = {k: env[k] for k in ("ACCELERATE_USE_CPU", "OMP_NUM_THREADS", "MALLOC_MMAP_THRESHOLD_")}
     assert printed == [f"{k}={v}" for k, v in added.items()] + argv
     assert argv[-len(words):] == words
 
@@ -67,6 +68,14 @@ def test_users_omp_num_threads_is_kept(fake_model, launched, capsys, monkeypatch
     [(_, env)] = launched
     assert env["OMP_NUM_THREADS"] == "3"
     assert "OMP_NUM_THREADS" not in launching_line(capsys.readouterr().out)
+
+
+def test_cpu_runs_get_a_fixed_mmap_threshold_unless_the_user_set_one():
+    _, recipe = load_recipe(["recipe=lora", "distributed.num_processes=2"])
+    assert accelerate_command(recipe, [], has_gpu=False, environ={})[1]["MALLOC_MMAP_THRESHOLD_"] == str(1 << 20)
+    assert "MALLOC_MMAP_THRESHOLD_" not in accelerate_command(recipe, [], has_gpu=False,
+                                                             environ={"MALLOC_MMAP_THRESHOLD_": "65536"})[1]
+    assert "MALLOC_MMAP_THRESHOLD_" not in accelerate_command(recipe, [], has_gpu=True, environ={})[1]
 
 
 def test_omp_default_only_where_the_user_set_none():

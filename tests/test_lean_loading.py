@@ -3,6 +3,7 @@ are filled from rank 0 after sharding. The runs must train exactly like runs whe
 (TUNEFLEET_FSDP_FULL_LOAD=1) and like DDP; rank 1 must really have held no weights before sharding."""
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -105,8 +106,12 @@ def on_two_ranks(fn, *args) -> None:
 
 
 def _rank_main(rank, port, fn, args) -> None:
+    import faulthandler
+
     import torch.distributed as dist
 
+    faulthandler.dump_traceback_later(600, exit=True)  # a stuck collective prints its stack and ends
+    os.environ["GLOO_SOCKET_IFNAME"] = "lo"  # both ranks on this machine, whatever the hostname resolves to
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
     try:

@@ -52,8 +52,9 @@ class Backend(Protocol):
     def optimizer_step(self, accelerator, model, optimizer, max_grad_norm: float | None) -> float | None:
         """Clip, step and zero the gradients; return the gradient norm before clipping, where known."""
 
-    def full_state_dict(self, accelerator, model) -> dict:
-        """Every tensor whole; a collective (call on all ranks), meaningful on the main process."""
+    def full_state_dict(self, accelerator, model, names: set[str] | None = None) -> dict:
+        """Every tensor whole (only those in `names` when given); a collective (call on all ranks),
+        meaningful on the main process."""
 
     def whole_parameters(self, accelerator, model) -> ContextManager:
         """A context in which every rank holds whole trainable parameters."""

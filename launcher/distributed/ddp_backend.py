@@ -58,8 +58,9 @@ class DdpBackend:
         optimizer.zero_grad(set_to_none=True)
         return float(norm) if norm is not None else None
 
-    def full_state_dict(self, accelerator, model) -> dict:
-        return accelerator.get_state_dict(model)
+    def full_state_dict(self, accelerator, model, names: set[str] | None = None) -> dict:
+        state = accelerator.get_state_dict(model)  # the live tensors: nothing is copied
+        return state if names is None else {k: v for k, v in state.items() if k in names}
 
     def whole_parameters(self, accelerator, model):
         return contextlib.nullcontext()

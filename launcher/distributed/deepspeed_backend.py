@@ -92,8 +92,27 @@ class DeepSpeedBackend:
         norm = model.get_global_grad_norm()
         return float(norm) if norm is not None else None
 
-    def full_state_dict(self, accelerator, model) -> dict:
-        return accelerator.get_state_dict(model)  # ZeRO-3 gathers every tensor (a collective)
+    def full_state_dict(self, accelerator, model, names: set[str] | None = None) -> dict:
+        if names is None or self.stage != 3:
+            state = accelerator.get_state_dict(model)  # ZeRO-3 gathers every tensor (a collective)
+            return state if names is None else {k: v for k, v in state.items() if k in names}
+        # ZeRO-3, only the named tensors (an adapter's): gather them alone rather than the whole model.
+        import deepspeed
+
+        module = accelerator.unwrap_model(model)
+        params = dict(module.named_parameters(remove_duplicate=False))  # tied aliases too
+        whole = {}
+        for key, value in module.state_dict().items():  # buffers are not partitioned
+            if key not in names:
+                continue
+            param = params.get(key)
+            if param is None:
+                whole[key] = value.detach().to("cpu", copy=True)
+                continue
+            with deepspeed.zero.GatheredParameters([param]):  # a collective: every rank, same order
+                if accelerator.is_main_process:
+                    whole[key] = param.detach().to("cpu", copy=True)
+        return whole if accelerator.is_main_process else {}
 
     def whole_parameters(self, accelerator, model):
         """ZeRO-3 gathers the trainable parameters on every rank, so the main process alone may run

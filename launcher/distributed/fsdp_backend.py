@@ -138,11 +138,21 @@ class FsdpBackend:
         optimizer.zero_grad(set_to_none=True)
         return norm
 
-    def full_state_dict(self, accelerator, model) -> dict:
+    def full_state_dict(self, accelerator, model, names: set[str] | None = None) -> dict:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-        # A collective: every rank sends its shards; with cpu_offload only rank 0 keeps the result.
-        return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        if names is None:
+            # A collective: every rank sends its shards; with cpu_offload only rank 0 keeps the result.
+            return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        # Only the named tensors (an adapter's): gathering the whole model to rank 0's host memory to
+        # keep a few MB of it would cost a 70B model's 140 GB there. Same key order on every rank.
+        whole = {}
+        for key, value in get_model_state_dict(model).items():
+            if key in names:
+                value = value.full_tensor() if hasattr(value, "full_tensor") else value
+                if accelerator.is_main_process:
+                    whole[key] = value.detach().to("cpu", copy=True)
+        return whole
 
     @contextlib.contextmanager
     def whole_parameters(self, accelerator, model):

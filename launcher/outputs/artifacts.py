@@ -24,6 +24,33 @@ def expected_tensors(model, state_dict: dict | None = None) -> dict[str, tuple]:
     return {k: tuple(v.shape) for k, v in (state_dict if state_dict is not None else model.state_dict()).items()}
 
 
+def tensors_to_gather(model) -> set[str] | None:
+    """The state-dict names an artifact of `model` (unwrapped) is made of, or None for all of them.
+
+    Sharded backends gather whole tensors to save; for an adapter that must be the adapter's few
+    MB, not the model. The names are what peft's own selection takes from a state dict, found by
+    running it on shape-only placeholders, plus every trainable parameter (the run's checksum
+    reads them). Anything it returns that is not one of the placeholders means we cannot tell
+    what it read: then everything is gathered, as before.
+    """
+    if not hasattr(model, "peft_config"):
+        return None
+    import torch
+
+    names = {name for name, param in model.named_parameters() if param.requires_grad}
+    if computes_on_save(model):
+        return names  # prompt learning saves embeddings computed from the live, trainable encoder
+    from peft import get_peft_model_state_dict
+
+    placeholders = {key: torch.empty(tuple(getattr(value, "ds_shape", value.shape)), device="meta")
+                    for key, value in model.state_dict().items()}  # FSDP2: global shapes; ZeRO-3: ds_shape
+    by_identity = {id(value): key for key, value in placeholders.items()}
+    picked = get_peft_model_state_dict(model, state_dict=placeholders).values()
+    if any(id(value) not in by_identity for value in picked):
+        return None
+    return names | {by_identity[id(value)] for value in picked}
+
+
 def _modern_name(key: str) -> str:
     """transformers may write BERT-era LayerNorm names (gamma/beta) for weight/bias, and reads both."""
     for legacy, modern in ((".gamma", ".weight"), (".beta", ".bias")):

@@ -59,6 +59,8 @@ def write_rank_summary(run: Run, steps: int, full_state: dict) -> None:
         "data_digest": seen.hexdigest(), "first_micro_batches": run.plan.micro_batches(0), "param_checksum": checksum,
         "backend": run.backend.name, "local_param_elements": _local_elements(run.model),
         "total_param_elements": run.total_params,
+        # What the artifact gathered to this process (sharded backends: the main process only).
+        "gathered_elements": sum(t.numel() for t in (full_state or {}).values()),
     }
     folder = run.run_dir / "ranks"
     folder.mkdir(parents=True, exist_ok=True)

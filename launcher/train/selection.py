@@ -39,10 +39,11 @@ def run_evaluation(run: Run) -> dict[str, float]:
 
 def save_run_artifact(run: Run, name: str, marker: dict) -> dict:
     """Save the artifact from whole tensors (gathered from every rank where sharded); return them."""
-    from launcher.outputs.artifacts import save_artifact
+    from launcher.outputs.artifacts import save_artifact, tensors_to_gather
 
     run.accelerator.wait_for_everyone()
-    full_state = run.backend.full_state_dict(run.accelerator, run.model)
+    names = tensors_to_gather(run.accelerator.unwrap_model(run.model))
+    full_state = run.backend.full_state_dict(run.accelerator, run.model, names)
     extra = {ARTIFACT_MARKER: json.dumps(marker, indent=1)}
     if run.data.label_names:
         extra["labels.json"] = json.dumps(run.data.label_names)

@@ -32,7 +32,7 @@ clear-stale-locks:
 	@mkdir -p $(TORCH_EXTENSIONS_DIR) && find $(TORCH_EXTENSIONS_DIR) -name lock -mmin +15 -print -delete
 
 test: $(STAMP) clear-stale-locks
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=15
 
 test-fast: $(STAMP) clear-stale-locks
 	$(PY) -m pytest -q -m "not slow"

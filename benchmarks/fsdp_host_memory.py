@@ -36,12 +36,38 @@ SETUPS = {  # name -> (recipe words, extra environment)
     "FSDP lean (rank 0 loads)": (["distributed.backend=fsdp"], {}),
     "FSDP every rank loads": (["distributed.backend=fsdp"], {"TUNEFLEET_FSDP_FULL_LOAD": "1"}),
     "DDP": (["distributed.backend=ddp"], {}),
+    # The launcher fixes glibc's mmap threshold at 1 MiB on CPU (launcher/launch.py); left to itself glibc
+    # raises it as large blocks are freed, up to 32 MiB, which this setup pins to show what that costs.
+    "FSDP lean, 32 MiB mmap threshold": (["distributed.backend=fsdp"], {"MALLOC_MMAP_THRESHOLD_": str(32 << 20)}),
 }
+CONTROLLED = ("TUNEFLEET_FSDP_FULL_LOAD", "MALLOC_MMAP_THRESHOLD_")  # set per setup, never inherited
 # eval.batch_size=1: the final evaluation's full-vocabulary logits (49152 per token) would otherwise
 # set every setup's peak, hiding what the model itself costs.
 QUIET = ["eval.at_start=false", "eval.every_steps=null", "eval.sample_prompts=[]", "train.checkpoint_every=null",
          "data.max_eval_samples=16", "eval.batch_size=1"]
 LOADED = "[tunefleet] backend:"  # the main process prints it once the model is built, sharded and filled
+
+
+def random_360m() -> str:
+    """A SmolLM2-360M-shaped Llama (362M parameters, 1.4 GiB in float32) with random weights and the
+    135M model's tokenizer, written once under the tunefleet cache: a model big enough that the
+    weights, not the runtime and activations, set a rank's memory."""
+    from launcher.cache import build_once, cache_root
+    from launcher.model.sources import materialize
+
+    def write(tmp: Path) -> None:
+        import torch
+        from transformers import AutoConfig, AutoTokenizer, LlamaForCausalLM
+
+        small = materialize(MODEL)
+        config = AutoConfig.from_pretrained(small)
+        config.update({"hidden_size": 960, "intermediate_size": 2560, "num_hidden_layers": 32,
+                       "num_attention_heads": 15, "num_key_value_heads": 5})
+        torch.manual_seed(0)
+        LlamaForCausalLM(config).save_pretrained(tmp)
+        AutoTokenizer.from_pretrained(small).save_pretrained(tmp)
+
+    return str(build_once(cache_root() / "bench-models" / "smollm2-360m-random", write))
 
 
 def command(model: str, steps: int, out: Path, words: list[str]) -> list[str]:
@@ -92,7 +118,7 @@ def _rank_and_peak(pid: int) -> tuple[int, int] | None:
 def measure(argv: list[str], extra_env: dict) -> tuple[dict[int, float], dict[int, float], float]:
     """Run argv; return ({rank: peak RSS MiB over the run}, {rank: peak RSS MiB until the model was
     loaded and sharded}, wall seconds)."""
-    env = {key: value for key, value in os.environ.items() if key != "TUNEFLEET_FSDP_FULL_LOAD"}
+    env = {key: value for key, value in os.environ.items() if key not in CONTROLLED}
     env.update(extra_env)
     start = time.time()
     child = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -121,7 +147,7 @@ def measure(argv: list[str], extra_env: dict) -> tuple[dict[int, float], dict[in
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default=MODEL)
+    parser.add_argument("--model", default=MODEL, help="a model source, or random-360m (see random_360m)")
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--reps", type=int, default=1)
     parser.add_argument("--json", type=Path, help="also write the raw figures here")
@@ -129,6 +155,8 @@ def main() -> None:
 
     from launcher.model.sources import materialize
 
+    if args.model == "random-360m":
+        args.model = random_360m()
     materialize(args.model)  # convert once, outside every measured run
     results = {name: [] for name in SETUPS}
     with tempfile.TemporaryDirectory() as tmp:

@@ -18,6 +18,7 @@ from launcher.errors import UserError
 from launcher.train.evaluate import HIGHER_IS_BETTER
 
 TAIL_LINES = 20
+NOT_FAILED = ("finished", "pending", "running", "pruned")  # pruned: a search stopped it on purpose
 
 
 def _result(row: dict) -> dict:
@@ -84,7 +85,7 @@ def _plot(sweep_dir: Path, rows: list[dict]) -> None:
 def _failures(rows: list[dict], executor) -> list[str]:
     lines = []
     for row in rows:
-        if row["state"].split()[0] in ("finished", "pending", "running"):
+        if row["state"].split()[0] in NOT_FAILED:
             continue
         logs = executor.log_files(Path(row["record"]["run_dir"]))
         tail = logs[-1].read_text(errors="replace").splitlines()[-TAIL_LINES:] if logs else ["(no log)"]
@@ -116,9 +117,13 @@ def collect(sweep_dir: Path) -> dict:
     failures = _failures(rows, executor_for(manifest))
     (sweep_dir / "failures.md").write_text("\n".join(failures) if failures else "No run failed.\n")
     _tensorboard(sweep_dir, results)
+    if "search" in manifest:
+        from launcher.search.report import write_search_report
+
+        write_search_report(sweep_dir, manifest)
     finished = [r for r in results if r["state"] == "finished" and r["value"] is not None]
     return {"results": results, "best": finished[0] if finished else None,
-            "failed": [r["run"] for r in results if r["state"].split()[0] not in ("finished", "pending", "running")]}
+            "failed": [r["run"] for r in results if r["state"].split()[0] not in NOT_FAILED]}
 
 
 def cmd_collect(words: list[str]) -> int:
@@ -133,5 +138,7 @@ def cmd_collect(words: list[str]) -> int:
     if summary["failed"]:
         print(f"[tunefleet] {len(summary['failed'])} run(s) did not finish: {', '.join(summary['failed'])} "
               f"(see {sweep_dir / 'failures.md'})")
+    if (sweep_dir / "search.md").is_file():
+        print((sweep_dir / "search.md").read_text(), end="")
     print(f"[tunefleet] wrote results.csv, results.md, curves.png, failures.md and tensorboard/ in {sweep_dir}")
     return 0

@@ -72,6 +72,8 @@ def run_state(record: dict, queued: dict[str, dict], executor) -> tuple[str, int
         details = {} if entry["state"] == "pending" else executor.job_details(job)
         return state, details.get("restarts", record.get("restarts", 0))
     own = read_status(Path(record["run_dir"])).get("state")
+    if record.get("state") in ("pruned", "pruning"):  # a search stopped it (launcher.search.driver)
+        return f"pruned (step {record.get('pruned_at', '?')})", record.get("restarts", 0)
     if record.get("state") == "cancelled" and own != "finished":
         return "cancelled", record.get("restarts", 0)
     if job:

@@ -1,0 +1,305 @@
+"""`tunefleet search`: hyperparameter search with Optuna, each trial an ordinary run in a sweep folder.
+
+    tunefleet search searches/lora.yaml [more words] [search.dir=runs/my-search]
+    tunefleet search runs/my-search          # continue a search whose driver stopped or was cancelled
+
+The search folder is a sweep folder (manifest.json, one run folder per trial), so `tunefleet status`,
+`cancel` and `collect` work on it. A detached driver process (this module) asks Optuna for trials,
+starts each as `tunefleet run` (N in flight), feeds every evaluation the run writes to metrics.jsonl
+to the pruner, stops a trial the pruner rejects (SIGTERM: the run checkpoints and exits), and tells
+Optuna each finished trial's metric. The study lives in study.journal, Optuna's file journal: plain
+appends under a lock file, safe on the shared file systems clusters have, where SQLite is not.
+
+Nothing is lost when the driver dies: the journal has every trial, the manifest every run. Running
+`tunefleet search FOLDER` again starts a new driver that adopts runs still alive, restarts runs that
+died (train.resume=auto: from their newest checkpoint) and goes on until `trials` are done.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from launcher.cluster.sweep import _word_value, new_manifest, read_manifest, write_manifest
+from launcher.distributed.lifetime import alive
+from launcher.errors import UserError
+from launcher.search.space import SearchSpec, check_spec, load_search_file
+
+JOURNAL = "study.journal"
+SPEC_COPY = "search.yaml"
+POLL_S = 1.0
+
+
+def open_study(sweep_dir: Path, spec: SearchSpec, direction: str):
+    import optuna
+    from optuna.storages import JournalStorage
+    from optuna.storages.journal import JournalFileBackend
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    sampler = (optuna.samplers.TPESampler(seed=spec.seed, constant_liar=True)  # constant liar: trials in flight
+               if spec.sampler == "tpe" else optuna.samplers.RandomSampler(seed=spec.seed))
+    pruner = {"median": lambda: optuna.pruners.MedianPruner(n_startup_trials=2),
+              "successive_halving": optuna.pruners.SuccessiveHalvingPruner,
+              "none": optuna.pruners.NopPruner}[spec.pruner]()
+    storage = JournalStorage(JournalFileBackend(str(Path(sweep_dir) / JOURNAL)))
+    study = optuna.create_study(study_name="search", storage=storage, sampler=sampler, pruner=pruner,
+                                direction=direction, load_if_exists=True)
+    if not study.trials:  # a new study: the trials the file asks for first
+        by_key = {p.key: p for p in spec.params}
+        for entry in spec.enqueue:
+            study.enqueue_trial({key: by_key[key].stored(value) for key, value in entry.items()})
+    return study
+
+
+# ---------------------------------------------------------------------------- one trial's run
+
+
+def _eval_points(run_dir: Path, metric: str) -> list[tuple[int, float]]:
+    from launcher.cluster.status import _metrics_rows
+
+    return [(row["step"], row[metric]) for row in _metrics_rows(run_dir) if metric in row and "step" in row]
+
+
+def final_value(run_dir: Path, metric: str) -> float | None:
+    """The trial's result: the best value of the metric the run kept (its artifact), else the last one."""
+    path = Path(run_dir) / "metrics.json"
+    if not path.is_file():
+        return None
+    summary = json.loads(path.read_text())
+    best = summary.get("best") or {}
+    if best.get("metric") == metric:
+        return best["value"]
+    return (summary.get("eval_final") or {}).get(metric)
+
+
+class Driver:
+    def __init__(self, sweep_dir: Path):
+        self.sweep_dir = Path(sweep_dir)
+        self.manifest = read_manifest(self.sweep_dir)
+        search = self.manifest["search"]
+        self.spec = load_search_file(str(self.sweep_dir / SPEC_COPY))
+        self.extra_words, self.metric = search["extra_words"], search["metric"]
+        self.study = open_study(self.sweep_dir, self.spec, search["direction"])
+        self.children: dict[int, subprocess.Popen] = {}  # runs this driver started (it can read their exit codes)
+        self.trials: dict[int, object] = {}  # trial number -> optuna Trial, to report to
+        self.stopping = False
+
+    # -- bookkeeping
+
+    def record(self, number: int) -> dict | None:
+        return next((r for r in self.manifest["runs"] if r.get("trial") == number), None)
+
+    def save(self) -> None:
+        write_manifest(self.sweep_dir, self.manifest)
+
+    def started(self) -> int:
+        """Trials asked for so far (enqueued ones wait until asked)."""
+        from optuna.trial import TrialState
+
+        return sum(t.state != TrialState.WAITING for t in self.study.get_trials(deepcopy=False))
+
+    def in_flight(self) -> list[dict]:
+        return [r for r in self.manifest["runs"] if r["state"] in ("running", "pruning")]
+
+    # -- runs
+
+    def launch(self, record: dict) -> None:
+        log = open(Path(record["run_dir"]) / "local.log", "a")
+        child = subprocess.Popen([sys.executable, "-m", "launcher.cli", "run", *record["words"]],
+                                 stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        self.children[child.pid] = child
+        record.update(state="running", pid=child.pid, started=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+        self.save()
+
+    def ended(self, record: dict) -> int | None:
+        """The run's exit code once it has ended (None while it runs); -1 when another driver started it."""
+        child = self.children.get(record.get("pid"))
+        if child is not None:
+            return child.poll()
+        return None if alive(record.get("pid") or 0) else -1
+
+    def new_trial(self) -> None:
+        from optuna.trial import TrialState
+
+        trial = self.study.ask()
+        values = {p.key: p.suggest(trial) for p in self.spec.params}
+        overrides = {key: _word_value(value) for key, value in values.items()}  # as a sweep's: command-line text
+        name = f"trial-{trial.number:03d}"
+        run_dir = self.sweep_dir / name
+        run_dir.mkdir(parents=True, exist_ok=True)
+        words = [*self.spec.words_for(values), *self.extra_words, f"output.dir={run_dir}", "train.resume=auto"]
+        try:
+            from launcher.config.load import load_recipe
+
+            load_recipe(words)  # the ranges were checked at their ends; a combination may still be refused
+        except UserError as err:
+            (run_dir / "local.log").write_text(f"error: {err}\n")
+            self.manifest["runs"].append({"name": name, "trial": trial.number, "run_dir": str(run_dir), "words": words,
+                                          "overrides": overrides, "job_id": name, "state": "failed", "error": str(err)})
+            self.study.tell(trial, state=TrialState.FAIL)
+            self.save()
+            return
+        self.trials[trial.number] = trial
+        record = {"name": name, "trial": trial.number, "run_dir": str(run_dir), "words": words, "overrides": overrides,
+                  "job_id": name, "reported_step": -1}
+        self.manifest["runs"].append(record)
+        self.launch(record)
+
+    def poll(self, record: dict) -> None:
+        from optuna.trial import TrialState
+
+        trial = self.trials[record["trial"]]
+        if record["state"] == "running":
+            for step, value in _eval_points(Path(record["run_dir"]), self.metric):
+                if step > record["reported_step"]:
+                    trial.report(value, step)
+                    record["reported_step"] = step
+                    if trial.should_prune():
+                        os.kill(record["pid"], signal.SIGTERM)  # the run checkpoints and exits
+                        record.update(state="pruning", pruned_at=step)
+                        self.study.tell(trial, state=TrialState.PRUNED)
+                        break
+        code = self.ended(record)
+        if code is None:
+            return
+        self.children.pop(record.get("pid"), None)
+        if record["state"] == "pruning":
+            record["state"] = "pruned"
+        else:
+            value = final_value(Path(record["run_dir"]), self.metric)
+            if value is None:
+                record.update(state="failed", exit_code=code)
+                self.study.tell(trial, state=TrialState.FAIL)
+            else:
+                record.update(state="finished", value=value)
+                self.study.tell(trial, value)
+        self.save()
+
+    # -- the loop
+
+    def adopt(self) -> None:
+        """Take over the trials a previous driver left running: keep polling live runs, restart dead ones."""
+        from optuna.trial import Trial, TrialState
+
+        for frozen in self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+            record = self.record(frozen.number)
+            if record is None:  # asked, never started: the driver died in between
+                self.study.tell(frozen.number, state=TrialState.FAIL)
+                continue
+            self.trials[frozen.number] = Trial(self.study, frozen._trial_id)
+            if record["state"] in ("running", "pruning") and alive(record.get("pid") or 0):
+                continue
+            if final_value(Path(record["run_dir"]), self.metric) is None:
+                self.launch(record)  # train.resume=auto: from its newest checkpoint
+            else:
+                record["state"] = "running"
+        for record in self.manifest["runs"]:
+            if record["state"] == "pruning" and not alive(record.get("pid") or 0):
+                record["state"] = "pruned"
+        self.save()
+
+    def stop(self) -> None:
+        """Cancelled: stop the runs (they checkpoint); their trials stay open, so a resumed search continues them."""
+        for record in self.in_flight():
+            if alive(record.get("pid") or 0):
+                os.kill(record["pid"], signal.SIGTERM)
+        for record in self.in_flight():
+            child = self.children.get(record.get("pid"))
+            if child is not None:
+                child.wait()
+            record["state"] = "cancelled" if record["state"] == "running" else "pruned"
+        self.save()
+
+    def drive(self) -> int:
+        signal.signal(signal.SIGTERM, lambda *_: setattr(self, "stopping", True))
+        self.manifest["supervisor_pid"] = os.getpid()
+        self.adopt()
+        while not self.stopping:
+            for record in self.in_flight():
+                self.poll(record)
+            while len(self.in_flight()) < self.spec.parallel and self.started() < self.spec.trials:
+                self.new_trial()
+            if not self.in_flight():
+                break
+            time.sleep(POLL_S)
+        if self.stopping:
+            self.stop()
+        return 0
+
+
+# ---------------------------------------------------------------------------- the command
+
+
+def _start_driver(sweep_dir: Path) -> int:
+    log = open(sweep_dir / "search-driver.log", "a")
+    child = subprocess.Popen([sys.executable, "-m", "launcher.search.driver", str(sweep_dir)], stdout=log,
+                             stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
+    return child.pid
+
+
+def _split(words: list[str]) -> tuple[str | None, str | None, list[str]]:
+    target, folder, rest = None, None, []
+    for word in words:
+        key, sep, value = word.partition("=")
+        if not sep and not word.startswith("-") and target is None:
+            target = word
+        elif key == "search.dir":
+            folder = value
+        elif key in ("executor", "cluster") or key.startswith(("slurm.", "local.")):
+            raise UserError(f"{word}: tunefleet search runs its trials on this machine for now "
+                            "(its folder works with status, cancel and collect like any sweep)")
+        elif word.startswith("-"):
+            raise UserError(f"unknown option {word}; tunefleet search takes SEARCH.yaml, search.dir= and recipe words")
+        else:
+            rest.append(word)
+    return target, folder, rest
+
+
+def cmd_search(words: list[str]) -> int:
+    target, folder, extra_words = _split(words)
+    if target is None:
+        raise UserError("usage: tunefleet search SEARCH.yaml [recipe words] [search.dir=DIR], "
+                        "or tunefleet search SEARCH_DIR to continue one")
+    import importlib.util
+
+    if importlib.util.find_spec("optuna") is None:
+        raise UserError("tunefleet search needs Optuna: pip install 'tunefleet[search]'")
+    path = Path(target)
+    if path.is_dir():
+        if extra_words or folder:
+            raise UserError(f"{path} is a search folder: continuing it takes no other words")
+        manifest = read_manifest(path)
+        if "search" not in manifest:
+            raise UserError(f"{path} is a sweep, not a search (no study in its manifest)")
+        if manifest.get("supervisor_pid") and alive(manifest["supervisor_pid"]):
+            raise UserError(f"{path}: its driver (pid {manifest['supervisor_pid']}) is still running")
+        pid = _start_driver(path)
+        print(f"[tunefleet] search continues in {path} (driver pid {pid}); tunefleet status {path}")
+        return 0
+    spec = load_search_file(target)
+    metric, direction = check_spec(spec, extra_words)
+    sweep_dir = Path(folder or f"runs/search-{time.strftime('%Y%m%d-%H%M%S')}").resolve()
+    if (sweep_dir / "manifest.json").exists():
+        raise UserError(f"{sweep_dir} already holds a sweep or search; continue it with tunefleet search {sweep_dir}")
+    sweep_dir.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(target, sweep_dir / SPEC_COPY)  # the search continues with the file it started with
+    manifest = new_manifest(sweep_dir, [], "local")
+    manifest["search"] = {"file": str(Path(target).resolve()), "extra_words": extra_words, "metric": metric,
+                          "direction": direction}
+    write_manifest(sweep_dir, manifest)
+    pid = _start_driver(sweep_dir)
+    print(f"[tunefleet] searching {len(spec.params)} key(s), {spec.trials} trials ({spec.parallel} at a time, "
+          f"{spec.sampler}, pruner {spec.pruner}), {direction} {metric}")
+    print(f"[tunefleet] search folder {sweep_dir} (driver pid {pid}); follow it with tunefleet status {sweep_dir}, "
+          f"results with tunefleet collect {sweep_dir}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(Driver(Path(sys.argv[1])).drive())

@@ -4,7 +4,8 @@ themselves (slurm/local-cluster.sh; installed first where missing). Marked `slur
 Covers: a 2-node run forms one world-size-2 group and trains what one machine with two processes
 trains (DDP, ZeRO-3, FSDP2); a sweep as a job array watched through status and collected; a
 multi-node job warned before its time limit checkpoints, requeues itself, resumes and ends with the
-uninterrupted run's adapter; cancel; a failing run reported with its log tail and not requeued.
+uninterrupted run's adapter; cancel; a failing run reported with its log tail and not requeued; a
+search whose trials are Slurm jobs, one pruned by cancelling it.
 """
 
 import csv
@@ -191,3 +192,41 @@ def test_cancel_and_failure_are_reported_and_failures_are_not_requeued(slurm, ti
     cli(env, "collect", str(sweep))
     failures = (sweep / "failures.md").read_text()
     assert "rows.jsonl does not exist" in failures, failures
+
+
+def test_a_search_runs_its_trials_as_slurm_jobs_and_prunes_by_cancelling(slurm, tiny_llama, tmp_path):
+    # One trial at a time, in a set order (a learning rate that learns, then two that cannot): after two
+    # complete trials the third must be pruned at its first evaluation, by cancelling its job.
+    env = job_env(slurm)
+    spec = tmp_path / "search.yaml"
+    spec.write_text(f"""
+base: [recipe=lora, model.name={tiny_llama}, train.max_steps=6, eval.every_steps=2, "eval.sample_prompts=[]",
+       data.max_samples=200, data.max_eval_samples=16, train.global_batch_size=4, train.micro_batch_size=2]
+trials: 3
+parallel: 1
+sampler: random
+pruner: median
+enqueue: [{{train.lr: 3.0e-2}}, {{train.lr: 1.0e-7}}, {{train.lr: 1.0e-7}}]
+space:
+  train.lr: {{type: float, low: 1.0e-7, high: 3.0e-2, log: true}}
+""")
+    folder = tmp_path / "search"
+    done = cli(env, "search", str(spec), "executor=slurm", "cluster=local", f"search.dir={folder}")
+    assert done.returncode == 0, done.stderr
+    manifest = lambda: json.loads((folder / "manifest.json").read_text())  # noqa: E731
+    deadline = time.time() + 400
+    while time.time() < deadline and (len(manifest()["runs"]) < 3 or manifest()["runs"][-1]["state"] in
+                                      ("running", "pruning")):
+        time.sleep(2)
+    runs = manifest()["runs"]
+    assert manifest()["executor"] == "slurm"
+    assert [r["state"] for r in runs] == ["finished", "finished", "pruned"], runs
+    assert all(r["job_id"].isdigit() for r in runs)  # real Slurm job ids, one job per trial
+    for record in runs:
+        assert list((Path(record["run_dir"]) / "slurm").glob("slurm-*.out")), "each trial logs in its own folder"
+    job = _job(env, runs[2]["job_id"])
+    assert "JobState=CANCELLED" in job or not job, job  # pruned: its job was cancelled, not requeued
+    table = cli(env, "status", str(folder)).stdout
+    assert "pruned (step 2)" in table and table.count("finished") == 2
+    assert cli(env, "collect", str(folder)).returncode == 0
+    assert json.loads((folder / "search.json").read_text())["best"]["params"] == {"train.lr": 0.03}

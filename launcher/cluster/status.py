@@ -11,11 +11,14 @@ eval metric). Needs no Slurm accounting.
 from __future__ import annotations
 
 import json
+import os
+import signal
 import time
 from pathlib import Path
 
 from launcher.cluster.executor import executor_for
 from launcher.cluster.sweep import read_manifest, write_manifest
+from launcher.distributed.lifetime import alive
 from launcher.errors import UserError
 from launcher.outputs.status import read_status
 
@@ -152,6 +155,12 @@ def cmd_status(words: list[str]) -> int:
 def cmd_cancel(words: list[str]) -> int:
     target = _target(words)
     manifest, rows = gather(target)
+    driver = manifest.get("supervisor_pid")
+    if "search" in manifest and driver and alive(driver):
+        os.kill(driver, signal.SIGTERM)  # the search's driver stops its trials itself (launcher.search.driver)
+        print(f"[tunefleet] stopping the search: its driver stops the trials in flight (they checkpoint); "
+              f"continue it with tunefleet search {target}")
+        return 0
     live = [r for r in rows if r["state"].split()[0] in ("pending", "running", "requeued", "configuring",
                                                           "completing", "suspended")]
     if not executor_for(manifest).cancel(manifest, [r["record"]["job_id"] for r in live]):

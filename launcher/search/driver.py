@@ -1,12 +1,13 @@
 """`tunefleet search`: hyperparameter search with Optuna, each trial an ordinary run in a sweep folder.
 
     tunefleet search searches/lora.yaml [more words] [search.dir=runs/my-search]
+    tunefleet search searches/lora.yaml executor=slurm cluster=NAME [slurm.KEY=VALUE ...]
     tunefleet search runs/my-search          # continue a search whose driver stopped or was cancelled
 
 The search folder is a sweep folder (manifest.json, one run folder per trial), so `tunefleet status`,
 `cancel` and `collect` work on it. A detached driver process (this module) asks Optuna for trials,
-starts each as `tunefleet run` (N in flight), feeds every evaluation the run writes to metrics.jsonl
-to the pruner, stops a trial the pruner rejects (SIGTERM: the run checkpoints and exits), and tells
+starts each as `tunefleet run` on this machine or as a single-run Slurm job (N in flight), feeds every evaluation the run writes to metrics.jsonl
+to the pruner, stops a trial the pruner rejects (SIGTERM or scancel: the run checkpoints), and tells
 Optuna each finished trial's metric. The study lives in study.journal, Optuna's file journal: plain
 appends under a lock file, safe on the shared file systems clusters have, where SQLite is not.
 
@@ -78,6 +79,77 @@ def final_value(run_dir: Path, metric: str) -> float | None:
     return (summary.get("eval_final") or {}).get(metric)
 
 
+class LocalTrials:
+    """Trials as `tunefleet run` processes of the driver (it reads their exit codes)."""
+
+    def __init__(self, _words: list[str]):
+        self.children: dict[int, subprocess.Popen] = {}
+
+    def start(self, record: dict) -> None:
+        log = open(Path(record["run_dir"]) / "local.log", "a")
+        child = subprocess.Popen([sys.executable, "-m", "launcher.cli", "run", *record["words"]],
+                                 stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        self.children[child.pid] = child
+        record.update(pid=child.pid, job_id=record["name"])
+
+    def ended(self, record: dict) -> bool:
+        child = self.children.get(record.get("pid"))
+        if child is not None:
+            return child.poll() is not None  # reaps it
+        return not alive(record.get("pid") or 0)  # started by an earlier driver
+
+    def stop(self, record: dict) -> None:
+        if not self.ended(record):
+            os.kill(record["pid"], signal.SIGTERM)  # the run checkpoints and exits
+
+    def wait(self, record: dict) -> None:
+        child = self.children.get(record.get("pid"))
+        if child is not None:
+            child.wait()
+
+
+class SlurmTrials:
+    """Trials as single-run Slurm jobs, submitted as `tunefleet submit` would with the search's
+    cluster= and slurm.* words; a trial started again resubmits its own batch script."""
+
+    def __init__(self, words: list[str]):
+        self.words = words
+
+    def start(self, record: dict) -> None:
+        from launcher.cluster import submit
+
+        submission = Path(record["run_dir"]) / "submission.json"
+        if submission.is_file():  # its script starts with train.resume=auto: the run continues
+            import shlex
+
+            done = subprocess.run(shlex.split(json.loads(submission.read_text())["sbatch"]), capture_output=True,
+                                  text=True)
+            if done.returncode != 0:
+                raise UserError(f"sbatch refused {record['name']}: {done.stderr.strip()}")
+            job = done.stdout.strip().split(";")[0]
+        else:
+            job = submit.submit(submit.plan([*record["words"], *self.words]))
+        record.update(job_id=job, pid=None)
+
+    def ended(self, record: dict) -> bool:
+        from launcher.cluster import slurm_executor
+
+        return str(record["job_id"]) not in slurm_executor.queue_states({"runs": [record]})
+
+    def stop(self, record: dict) -> None:
+        from launcher.cluster import slurm_executor
+
+        slurm_executor.cancel({}, [record["job_id"]])  # SIGTERM: the run checkpoints; a cancelled job is not requeued
+
+    def wait(self, record: dict) -> None:
+        deadline = time.time() + 120
+        while not self.ended(record) and time.time() < deadline:
+            time.sleep(POLL_S)
+
+
+EXECUTORS = {"local": LocalTrials, "slurm": SlurmTrials}
+
+
 class Driver:
     def __init__(self, sweep_dir: Path):
         self.sweep_dir = Path(sweep_dir)
@@ -86,7 +158,7 @@ class Driver:
         self.spec = load_search_file(str(self.sweep_dir / SPEC_COPY))
         self.extra_words, self.metric = search["extra_words"], search["metric"]
         self.study = open_study(self.sweep_dir, self.spec, search["direction"])
-        self.children: dict[int, subprocess.Popen] = {}  # runs this driver started (it can read their exit codes)
+        self.executor = EXECUTORS[self.manifest["executor"]](search.get("executor_words", []))
         self.trials: dict[int, object] = {}  # trial number -> optuna Trial, to report to
         self.stopping = False
 
@@ -110,19 +182,9 @@ class Driver:
     # -- runs
 
     def launch(self, record: dict) -> None:
-        log = open(Path(record["run_dir"]) / "local.log", "a")
-        child = subprocess.Popen([sys.executable, "-m", "launcher.cli", "run", *record["words"]],
-                                 stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
-        self.children[child.pid] = child
-        record.update(state="running", pid=child.pid, started=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+        self.executor.start(record)
+        record.update(state="running", started=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
         self.save()
-
-    def ended(self, record: dict) -> int | None:
-        """The run's exit code once it has ended (None while it runs); -1 when another driver started it."""
-        child = self.children.get(record.get("pid"))
-        if child is not None:
-            return child.poll()
-        return None if alive(record.get("pid") or 0) else -1
 
     def new_trial(self) -> None:
         from optuna.trial import TrialState
@@ -149,7 +211,13 @@ class Driver:
         record = {"name": name, "trial": trial.number, "run_dir": str(run_dir), "words": words, "overrides": overrides,
                   "job_id": name, "reported_step": -1}
         self.manifest["runs"].append(record)
-        self.launch(record)
+        try:
+            self.launch(record)
+        except UserError as err:  # e.g. sbatch refused the job: this trial fails, the search goes on
+            (run_dir / "local.log").write_text(f"error: {err}\n")
+            record.update(state="failed", error=str(err))
+            self.study.tell(trial, state=TrialState.FAIL)
+            self.save()
 
     def poll(self, record: dict) -> None:
         from optuna.trial import TrialState
@@ -161,20 +229,18 @@ class Driver:
                     trial.report(value, step)
                     record["reported_step"] = step
                     if trial.should_prune():
-                        os.kill(record["pid"], signal.SIGTERM)  # the run checkpoints and exits
+                        self.executor.stop(record)
                         record.update(state="pruning", pruned_at=step)
                         self.study.tell(trial, state=TrialState.PRUNED)
                         break
-        code = self.ended(record)
-        if code is None:
+        if not self.executor.ended(record):
             return
-        self.children.pop(record.get("pid"), None)
         if record["state"] == "pruning":
             record["state"] = "pruned"
         else:
             value = final_value(Path(record["run_dir"]), self.metric)
             if value is None:
-                record.update(state="failed", exit_code=code)
+                record["state"] = "failed"
                 self.study.tell(trial, state=TrialState.FAIL)
             else:
                 record.update(state="finished", value=value)
@@ -193,26 +259,23 @@ class Driver:
                 self.study.tell(frozen.number, state=TrialState.FAIL)
                 continue
             self.trials[frozen.number] = Trial(self.study, frozen._trial_id)
-            if record["state"] in ("running", "pruning") and alive(record.get("pid") or 0):
+            if record["state"] in ("running", "pruning") and not self.executor.ended(record):
                 continue
             if final_value(Path(record["run_dir"]), self.metric) is None:
                 self.launch(record)  # train.resume=auto: from its newest checkpoint
             else:
                 record["state"] = "running"
         for record in self.manifest["runs"]:
-            if record["state"] == "pruning" and not alive(record.get("pid") or 0):
+            if record["state"] == "pruning" and self.executor.ended(record):
                 record["state"] = "pruned"
         self.save()
 
     def stop(self) -> None:
         """Cancelled: stop the runs (they checkpoint); their trials stay open, so a resumed search continues them."""
         for record in self.in_flight():
-            if alive(record.get("pid") or 0):
-                os.kill(record["pid"], signal.SIGTERM)
+            self.executor.stop(record)
         for record in self.in_flight():
-            child = self.children.get(record.get("pid"))
-            if child is not None:
-                child.wait()
+            self.executor.wait(record)
             record["state"] = "cancelled" if record["state"] == "running" else "pruned"
         self.save()
 
@@ -243,26 +306,33 @@ def _start_driver(sweep_dir: Path) -> int:
     return child.pid
 
 
-def _split(words: list[str]) -> tuple[str | None, str | None, list[str]]:
-    target, folder, rest = None, None, []
+def _split(words: list[str]) -> tuple[str | None, str | None, str, list[str], list[str]]:
+    """(search file or folder, search.dir, executor, cluster= and slurm.* words, recipe words)."""
+    target, folder, executor, executor_words, rest = None, None, "local", [], []
     for word in words:
         key, sep, value = word.partition("=")
         if not sep and not word.startswith("-") and target is None:
             target = word
         elif key == "search.dir":
             folder = value
-        elif key in ("executor", "cluster") or key.startswith(("slurm.", "local.")):
-            raise UserError(f"{word}: tunefleet search runs its trials on this machine for now "
-                            "(its folder works with status, cancel and collect like any sweep)")
+        elif key == "executor":
+            if value not in EXECUTORS:
+                raise UserError(f"executor={value}: use executor=local (the default) or executor=slurm")
+            executor = value
+        elif key == "cluster" or key.startswith("slurm."):
+            executor_words.append(word)
         elif word.startswith("-"):
-            raise UserError(f"unknown option {word}; tunefleet search takes SEARCH.yaml, search.dir= and recipe words")
+            raise UserError(f"unknown option {word}; tunefleet search takes SEARCH.yaml, search.dir=, executor=, "
+                            "cluster=, slurm.* and recipe words")
         else:
             rest.append(word)
-    return target, folder, rest
+    if executor_words and executor != "slurm":
+        raise UserError(f"{executor_words[0]} applies to Slurm: add executor=slurm")
+    return target, folder, executor, executor_words, rest
 
 
 def cmd_search(words: list[str]) -> int:
-    target, folder, extra_words = _split(words)
+    target, folder, executor, executor_words, extra_words = _split(words)
     if target is None:
         raise UserError("usage: tunefleet search SEARCH.yaml [recipe words] [search.dir=DIR], "
                         "or tunefleet search SEARCH_DIR to continue one")
@@ -272,7 +342,7 @@ def cmd_search(words: list[str]) -> int:
         raise UserError("tunefleet search needs Optuna: pip install 'tunefleet[search]'")
     path = Path(target)
     if path.is_dir():
-        if extra_words or folder:
+        if extra_words or folder or executor_words or executor != "local":
             raise UserError(f"{path} is a search folder: continuing it takes no other words")
         manifest = read_manifest(path)
         if "search" not in manifest:
@@ -284,17 +354,24 @@ def cmd_search(words: list[str]) -> int:
         return 0
     spec = load_search_file(target)
     metric, direction = check_spec(spec, extra_words)
+    if executor == "slurm":
+        from launcher.cluster.profiles import load_profile
+        from launcher.cluster.submit import split_submit_words
+
+        options = split_submit_words(executor_words)[1]
+        load_profile(options.cluster, options.slurm)  # a bad profile or slurm.* key is named now, not per trial
     sweep_dir = Path(folder or f"runs/search-{time.strftime('%Y%m%d-%H%M%S')}").resolve()
     if (sweep_dir / "manifest.json").exists():
         raise UserError(f"{sweep_dir} already holds a sweep or search; continue it with tunefleet search {sweep_dir}")
     sweep_dir.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(target, sweep_dir / SPEC_COPY)  # the search continues with the file it started with
-    manifest = new_manifest(sweep_dir, [], "local")
+    manifest = new_manifest(sweep_dir, [], executor)
     manifest["search"] = {"file": str(Path(target).resolve()), "extra_words": extra_words, "metric": metric,
-                          "direction": direction}
+                          "direction": direction, "executor_words": executor_words}
     write_manifest(sweep_dir, manifest)
     pid = _start_driver(sweep_dir)
-    print(f"[tunefleet] searching {len(spec.params)} key(s), {spec.trials} trials ({spec.parallel} at a time, "
+    print(f"[tunefleet] searching {len(spec.params)} key(s), {spec.trials} trials ({spec.parallel} at a time on "
+          f"{'Slurm' if executor == 'slurm' else 'this machine'}, "
           f"{spec.sampler}, pruner {spec.pruner}), {direction} {metric}")
     print(f"[tunefleet] search folder {sweep_dir} (driver pid {pid}); follow it with tunefleet status {sweep_dir}, "
           f"results with tunefleet collect {sweep_dir}")

@@ -158,3 +158,34 @@ space:
     assert "Best: trial 0" in out or "Best: trial 2" in out
     assert (folder / "search.png").stat().st_size > 10_000
     assert "did not finish" not in out  # pruned is not failed
+
+
+@pytest.mark.slow
+def test_cancel_stops_the_search_and_continuing_resumes_its_trial_from_a_checkpoint(tiny_llama, tmp_path, capsys):
+    path = write(tmp_path, """
+base: [recipe=lora, train.max_steps=30, train.checkpoint_every=3, eval.every_steps=15, data.max_samples=200,
+       data.max_eval_samples=16, "eval.sample_prompts=[]", eval.at_start=false]
+trials: 1
+pruner: none
+space:
+  train.lr: {type: float, low: 1.0e-4, high: 1.0e-3, log: true}
+""")
+    folder = tmp_path / "search"
+    assert main(["search", path, f"model.name={tiny_llama}", f"search.dir={folder}"]) == 0
+    metrics = folder / "trial-000" / "metrics.jsonl"
+    assert wait_for(lambda: metrics.exists() and len(metrics.read_text().splitlines()) >= 5, 120)
+    driver = _manifest(folder)["supervisor_pid"]
+    assert main(["cancel", str(folder)]) == 0
+    assert "stopping the search" in capsys.readouterr().out
+    assert wait_for(lambda: not alive(driver), 90)
+    [record] = _manifest(folder)["runs"]
+    assert record["state"] == "cancelled" and not alive(record["pid"])
+    assert json.loads((folder / "trial-000" / "status.json").read_text())["state"] == "interrupted"
+    assert [t.state.name for t in _study(folder).trials] == ["RUNNING"]  # open: a continued search resumes it
+
+    assert main(["search", str(folder)]) == 0
+    assert wait_for(lambda: _manifest(folder)["supervisor_pid"] != driver, 30)
+    assert wait_for(lambda: not alive(_manifest(folder)["supervisor_pid"]), 240), "the search did not end"
+    assert [t.state.name for t in _study(folder).trials] == ["COMPLETE"]
+    assert _manifest(folder)["runs"][0]["state"] == "finished"
+    assert "] resumed from" in (folder / "trial-000" / "local.log").read_text()

@@ -165,12 +165,20 @@ def test_keys_reference_documents_every_field():
     from launcher.config.docs import keys_reference
     from launcher.config.schema import PEFT_CLASSES, Recipe
 
+    from pydantic import BaseModel
+
     text = keys_reference()
-    for section in ("model", "distributed", "data", "train", "eval", "output"):
-        cls = Recipe.model_fields[section].annotation
+
+    def check(prefix: str, cls) -> None:
         for field_name, field in cls.model_fields.items():
-            assert f"{section}.{field_name}  [" in text
-            assert field.description, f"{section}.{field_name} has no description"
+            assert field.description, f"{prefix}{field_name} has no description"
+            if isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel):
+                check(f"{prefix}{field_name}.", field.annotation)  # a nested section: its keys are listed
+            else:
+                assert f"{prefix}{field_name}  [" in text
+
+    for section in ("model", "distributed", "data", "train", "eval", "output"):
+        check(f"{section}.", Recipe.model_fields[section].annotation)
     for cls in PEFT_CLASSES.values():
         for field_name, field in cls.model_fields.items():
             assert field.description, f"peft.{field_name} has no description"

@@ -130,6 +130,13 @@ def check_recipe(recipe: "Recipe") -> list[str]:
         problems.append(f"data.packing=pack does not work with peft.method={method}: its virtual tokens are "
                         "prepended once per row, not per example; use data.packing=group_by_length or auto")
 
+    if recipe.data.augment.active and all(s.format == "text" for s in recipe.data.sources):
+        # Augmentation changes untrained tokens only (classification text, instruction prompts); in
+        # plain text every token is a target, so it would silently change nothing.
+        problems.append("data.augment changes classification text and the prompts of instruction data, but "
+                        "data.format=text trains on every token, so nothing could be augmented; remove "
+                        "data.augment or use format alpaca or chat")
+
     if recipe.output.merge and method not in MERGEABLE:
         problems.append(
             f"output.merge=true needs an adapter that folds into the weights ({', '.join(MERGEABLE)}); "

@@ -27,6 +27,10 @@ def _rows(prefix: str, model: type[BaseModel]) -> list[str]:
     for name, field in model.model_fields.items():
         if name == "method":
             continue
+        if isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel):  # a nested section
+            rows.append(f"  {prefix}{name}: {field.description}")
+            rows.extend(_rows(f"{prefix}{name}.", field.annotation))
+            continue
         rows.append(f"  {prefix}{name}  [{_type_name(field.annotation)}, default {_default(field)}]\n"
                     f"      {field.description}")
     return rows

@@ -190,6 +190,26 @@ class DataSource(Section):
     split: str = Field("train", description="Split to read when path is a hub data set.")
 
 
+class AugmentConfig(Section):
+    """Token-level augmentation of training examples, drawn afresh every epoch (launcher/data/augment.py).
+
+    Classification text and the prompts of instruction data change; trained response tokens and
+    special tokens never do, and evaluation data is never augmented. All 0 (the default) is off.
+    """
+
+    mask: float = Field(0.0, ge=0.0, lt=1.0, description="Chance each token is replaced by the mask token "
+                        "(the tokenizer's mask token, else its unk token, else its pad token).")
+    delete: float = Field(0.0, ge=0.0, lt=1.0, description="Chance each token is dropped (one always survives).")
+    swap: float = Field(0.0, ge=0.0, lt=1.0,
+                        description="Chance each token trades places with the next changeable one.")
+    insert: float = Field(0.0, ge=0.0, lt=1.0, description="Chance a copy of a token drawn from the same example is "
+                          "inserted after each token, while the example is shorter than data.max_seq_len.")
+
+    @property
+    def active(self) -> bool:
+        return any((self.mask, self.delete, self.swap, self.insert))
+
+
 class DataConfig(Section):
     train: Union[str, list[DataSource]] = Field(
         description="Training data: one path, or a list of {path, weight, format} sources mixed by weight."
@@ -223,6 +243,10 @@ class DataConfig(Section):
     loader_workers: int = Field(
         1, ge=0, description="Processes that build the next steps' batches while the current one trains "
         "(0: on the training thread).",
+    )
+    augment: AugmentConfig = Field(
+        default_factory=AugmentConfig, description="Token-level augmentation of the training examples "
+        "(masking, deletion, swaps, insertion), a fresh variant every epoch; off by default.",
     )
 
     @property

@@ -58,6 +58,10 @@ class BatchPlan:
     def _permutation(self, epoch: int) -> list[int]:
         return _permutation(self.num_examples, self.seed + epoch)
 
+    def epoch(self, step: int) -> int:
+        """The 0-based epoch that optimizer step `step` (0-based) belongs to."""
+        return step // self.steps_per_epoch
+
     def global_batch(self, step: int) -> list[int]:
         epoch, within = divmod(step, self.steps_per_epoch)
         start = within * self.global_batch_size

@@ -6,7 +6,8 @@ micro batches for this rank, laid out as data.packing says, with the counts the 
 data.loader_workers > 0 worker processes build the next steps while the current one trains
 (prefetch 2 per worker; pinned memory on GPU), so the accelerator never waits for collation.
 Nothing here is random: a step's batches are a function of (seed, step), so resuming at step k
-starts the feed at k and every worker count gives the same batches.
+starts the feed at k and every worker count gives the same batches. data.augment keeps that: an
+example's variant is a function of (seed, epoch, example index), made here with the batch.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
+from launcher.data.augment import Augmenter
 from launcher.data.batches import BatchPlan, collate, count_targets, count_tokens, pack
 
 PREFETCH_PER_WORKER = 2
@@ -33,8 +35,8 @@ class StepDataset(torch.utils.data.Dataset):
     """Maps a 0-based step index to that step's micro batches on this rank."""
 
     def __init__(self, train, plan: BatchPlan, layout: str, max_seq_len: int, pad_token_id: int, total_steps: int,
-                 causal: bool):
-        self.train, self.plan, self.layout, self.causal = train, plan, layout, causal
+                 causal: bool, augment: Augmenter | None = None):
+        self.train, self.plan, self.layout, self.causal, self.augment = train, plan, layout, causal, augment
         self.max_seq_len, self.pad_token_id, self.total_steps = max_seq_len, pad_token_id, total_steps
 
     def __len__(self) -> int:
@@ -42,8 +44,11 @@ class StepDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, step_index: int) -> dict:
         batches, tokens, pairs = [], 0, 0
+        epoch = self.plan.epoch(step_index)
         for indices in self.plan.micro_batches(step_index):
             examples = list(self.train.select(indices))
+            if self.augment is not None:
+                examples = [self.augment(example, epoch, index) for example, index in zip(examples, indices)]
             tokens += count_tokens(examples)
             for example in examples:
                 n = len(example["input_ids"])

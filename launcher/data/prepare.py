@@ -214,7 +214,7 @@ def prepare_data(recipe, tokenizer, *, quiet: bool = False) -> PreparedData:
         "version": FORMAT_VERSION,
         "sources": [[_file_identity(s.path), s.format, s.weight, s.split] for s in sources],
         "eval": _file_identity(data_cfg.eval) if data_cfg.eval else None,
-        "settings": data_cfg.model_dump(exclude={"train", "eval"}),
+        "settings": data_cfg.model_dump(exclude={"train", "eval", "augment"}),  # augment acts on tokens later
         "labels": label_names,
         "tokenizer": _tokenizer_identity(tokenizer, recipe.model.revision),
         "seed": recipe.train.seed,

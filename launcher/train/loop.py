@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from launcher.config.compat import resolved_packing
+from launcher.data.augment import build_augmenter
 from launcher.data.loader import StepDataset, step_feed
 from launcher.outputs.metrics_log import MetricsLog
 from launcher.outputs.progress import progress_bar
@@ -109,7 +110,8 @@ def _log_row(run: Run, step: int, result, seconds: float, waited: float, flops: 
 
 def _feed(run: Run, first_step_index: int):
     dataset = StepDataset(run.data.train, run.plan, resolved_packing(run.recipe), run.recipe.data.max_seq_len,
-                          run.tokenizer.pad_token_id, run.total_steps, causal=run.num_labels is None)
+                          run.tokenizer.pad_token_id, run.total_steps, causal=run.num_labels is None,
+                          augment=build_augmenter(run.recipe, run.tokenizer))  # training data only, never eval
     return step_feed(dataset, first_step_index, run.recipe.data.loader_workers,
                      pin_memory=run.accelerator.device.type == "cuda")
 

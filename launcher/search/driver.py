@@ -222,7 +222,7 @@ class Driver:
     def poll(self, record: dict) -> None:
         from optuna.trial import TrialState
 
-        trial = self.trials[record["trial"]]
+        trial = self.trials.get(record["trial"])  # none for a pruned trial whose run is still stopping
         if record["state"] == "running":
             for step, value in _eval_points(Path(record["run_dir"]), self.metric):
                 if step > record["reported_step"]:

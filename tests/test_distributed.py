@@ -27,7 +27,7 @@ def test_launch_command_starts_real_cpu_workers():
     assert "--cpu" not in argv and "--multi_gpu" in argv
     assert argv[argv.index("--num_processes") + 1] == "2"
     assert argv[argv.index("--main_process_port") + 1] == "1234"
-    assert env == {"ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
+    assert env == {"ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", "MALLOC_MMAP_THRESHOLD_": str(1 << 20)}
     assert argv[-1] == "recipe=lora" and argv[-2].endswith("launcher/run.py")
 
 

@@ -12,7 +12,10 @@ QUICK = ["train.max_steps=4", "eval.every_steps=2", "data.max_eval_samples=16", 
 
 
 def tiny_for(recipe_name: str, tiny_llama: Path, tiny_bert: Path) -> Path:
-    return tiny_bert if recipe_name.startswith("classify") else tiny_llama
+    """The tiny model standing in for a shipped recipe's model: a BERT for classification, else a llama."""
+    from launcher.config.load import load_recipe
+
+    return tiny_bert if load_recipe([f"recipe={recipe_name}"])[1].model.task == "classification" else tiny_llama
 
 
 def run_in_process(recipe_name: str, model: Path, out: Path, *overrides: str, teardown: bool = True):

@@ -250,3 +250,35 @@ def test_the_planner_sizes_loss_chunks_as_training_does():
     for tokens in (1, 100, 512, 4096, 65536):
         for vocab, hidden in ((49152, 576), (151936, 896), (32000, 4096), (512, 64)):
             assert planned(tokens, vocab, hidden) == trained(tokens, vocab, hidden)
+
+
+def test_plan_of_a_distilling_recipe_sizes_the_cut_student_and_the_frozen_teacher(tiny_bert, tmp_path):
+    """distill_classify's teacher is a run folder (an adapter on its base): the plan reads the base's config,
+    sizes the student with the blocks it keeps, and adds the teacher's weights, as the real run holds them."""
+    from tests.helpers import run_in_process
+
+    probe = ("import sys; from launcher.cli import main; main(['plan', 'recipe=distill_classify', '--json']); "
+             "print('HEAVY', [m for m in ('torch', 'transformers', 'peft') if m in sys.modules], file=sys.stderr)")
+    done = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and "HEAVY []" in done.stderr, done.stderr
+    report = json.loads(done.stdout)
+    assert report["model"]["layers"] == 3 and report["distillation"]["teacher_layers"] == 6
+    assert report["memory_per_device_gib"]["teacher"] > 0
+
+    run, _ = run_in_process("classify_lora", tiny_bert, tmp_path / "run", "peft.method=full", "train.max_steps=1",
+                            f"distill.teacher={tiny_bert}", "distill.student_layers=[0]", teardown=False)
+    done = plan("recipe=classify_lora", f"model.name={tiny_bert}", "peft.method=full", f"distill.teacher={tiny_bert}",
+                "distill.student_layers=[0]", "--json")
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout)
+    student = run.accelerator.unwrap_model(run.model)
+    assert report["model"]["layers"] == student.config.num_hidden_layers == 1
+    assert report["model"]["parameters"] == sum(p.numel() for p in student.parameters())
+    teacher = report["distillation"]
+    assert teacher["teacher_parameters"] == sum(p.numel() for p in run.teacher.model.parameters())
+    held = sum(p.numel() * p.element_size() for p in run.teacher.model.parameters())
+    assert report["memory_per_device_gib"]["teacher"] == pytest.approx(held / 2**30, abs=1e-3)
+    without = json.loads(plan("recipe=classify_lora", f"model.name={tiny_bert}", "peft.method=full",
+                              f"distill.teacher={tiny_bert}", "distill.student_layers=[0]", "distill.alpha=0",
+                              "--json").stdout)
+    assert "teacher" not in without["memory_per_device_gib"]  # alpha=0 loads no teacher

@@ -56,7 +56,7 @@ def test_recipe_end_to_end(recipe_name, tiny_llama, tiny_bert, tmp_path):
     assert [r["step"] for r in rows if "eval_loss" in r] == [0, 2, 4]
     summary = json.loads((run_dir / "metrics.json").read_text())
     assert summary["steps"] == 4 and 0 < summary["trainable_params"] <= summary["total_params"]
-    if recipe_name.startswith("classify"):
+    if run.recipe.model.task == "classification":
         assert {"eval_accuracy", "eval_precision", "eval_recall", "eval_f1"} <= summary["eval_final"].keys()
     else:
         assert summary["eval_final"]["eval_perplexity"] > 1

@@ -90,8 +90,33 @@ def loopback_rendezvous_problem(dist) -> str | None:
             "distributed.main_process_ip=127.0.0.1 explicitly)")
 
 
+def distill_problems(recipe: "Recipe") -> list[str]:
+    """What distillation (the distill section) cannot do with the rest of the recipe."""
+    distill = recipe.distill
+    if distill is None:
+        return []
+    problems = []
+    if distill.teacher is None and distill.student_layers is None:
+        problems.append("distill needs distill.teacher (a model or run folder to learn from) or "
+                        "distill.student_layers (a smaller student cut from model.name, which then teaches it); "
+                        "with neither the student would be its own teacher")
+    if recipe.peft.method in VIRTUAL_TOKEN_METHODS:
+        problems.append(f"distill does not work with peft.method={recipe.peft.method}: its virtual tokens shift the "
+                        "student's positions against the teacher's; use lora, dora, ia3, partial_freeze or full")
+    dist = recipe.distributed
+    if dist.backend == "deepspeed" and (dist.config or "").startswith("zero3"):
+        problems.append(f"distill does not run under distributed.config={dist.config}: {DISTILL_ZERO3_REASON}")
+    return problems
+
+
+# Also checked on the stage a custom DeepSpeed JSON names, before loading (launcher.train.distill).
+DISTILL_ZERO3_REASON = ("ZeRO-3 partitions every model transformers loads, the teacher too, and only a DeepSpeed "
+                        "engine gathers partitions for a forward; a second engine for the teacher is not "
+                        "implemented. Use distributed.config=zero2 (or zero1), distributed.backend=fsdp or ddp")
+
+
 def check_recipe(recipe: "Recipe") -> list[str]:
-    problems: list[str] = []
+    problems: list[str] = distill_problems(recipe)
     task, method = recipe.model.task, recipe.peft.method
 
     if method not in METHODS_BY_TASK[task]:

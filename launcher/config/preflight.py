@@ -11,6 +11,7 @@ from pathlib import Path
 
 from launcher.config.schema import Recipe
 from launcher.errors import UserError
+from launcher.outputs.trackers import tracker_problems
 
 DATA_SUFFIXES = ".jsonl, .json, .csv or .parquet"
 
@@ -18,9 +19,14 @@ DATA_SUFFIXES = ".jsonl, .json, .csv or .parquet"
 def preflight(recipe: Recipe, recipe_name: str) -> None:
     """Raise one UserError listing every problem with the paths the recipe names."""
     problems = [_model_problem(recipe.model.name)]
+    if recipe.distill and recipe.distill.teacher:
+        teacher = recipe.distill.teacher  # checked like model.name, and named as the user wrote it
+        problem = _model_problem(teacher)
+        problems.append(problem and problem.replace(f"model.name={teacher}", f"distill.teacher={teacher}", 1))
     for key, path in _data_paths(recipe):
         problems.append(_data_problem(key, path))
     problems.extend(_output_problems(recipe, recipe_name))
+    problems.extend(tracker_problems(recipe.output.trackers))
     if recipe.distributed.backend == "deepspeed" and recipe.distributed.config:
         try:
             problems.extend(_deepspeed_problems(recipe))
@@ -63,6 +69,11 @@ def _model_problem(name: str) -> str | None:
         if path.is_dir():
             if not os.access(path, os.R_OK | os.X_OK):
                 return f"{key}: folder {path} cannot be read (permission denied)"
+            from launcher.model.run_folder import is_run_folder, run_artifact
+
+            if is_run_folder(path):  # a finished tunefleet run: its artifact is the model
+                run_artifact(path)
+                return None
             if not (path / "config.json").is_file():
                 return (f"{key}: folder {path} holds no config.json, so it is not a transformers model folder "
                         "(expected a model folder, a .gguf file or a .zip of a model folder)")

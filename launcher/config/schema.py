@@ -331,6 +331,46 @@ class OutputConfig(Section):
         "runs/{recipe}-{time}", description="Run folder; {recipe} and {time} are filled in. Must not hold another run."
     )
     merge: bool = Field(False, description="Also write a merged model (adapter folded into the base) at the end.")
+    trackers: list[Literal["tensorboard", "mlflow", "wandb"]] = Field(
+        default_factory=lambda: ["tensorboard"],
+        description="Experiment trackers the main process sends metrics, the resolved recipe and hyperparameters "
+        "to (through accelerate); mlflow and wandb are extras: pip install 'tunefleet[mlflow]'. Their addresses "
+        "and keys come from the environment only (MLFLOW_TRACKING_URI, WANDB_API_KEY, WANDB_MODE).",
+    )
+    project: str = Field("tunefleet", min_length=1,
+                         description="MLflow experiment and W&B project the run is logged under.")
+    run_name: Optional[str] = Field(None, description="The run's name in MLflow and W&B; null: the run folder's name.")
+
+
+# ---------------------------------------------------------------------------- distill
+
+
+class DistillConfig(Section):
+    """Knowledge distillation (launcher/train/distill.py): the student (model.name, trained by peft.method)
+    learns from a frozen teacher's soft targets as well as from the labels. The section's presence turns it on."""
+
+    teacher: Optional[str] = Field(
+        None, description="The teacher: any model.name source, or a finished tunefleet run folder (its adapter "
+        "applied to its base). Null: model.name itself at full depth (use with student_layers).",
+    )
+    alpha: float = Field(0.5, ge=0.0, le=1.0, description="Weight of the soft-target (KL) loss; the task loss gets "
+                         "1 - alpha. 0 is plain training on the labels (no teacher is loaded).")
+    temperature: float = Field(2.0, gt=0.0, description="Softmax temperature of both models' logits in the KL term "
+                               "(scaled by temperature^2, as Hinton et al.): higher passes on more of the teacher's "
+                               "view of the wrong answers.")
+    student_layers: Optional[Union[Literal["every_other"], list[int]]] = Field(
+        None, description="Make the student from model.name by keeping only these transformer blocks (0-based "
+        "indices, ascending), initialised from its weights, DistilBERT-style; every_other keeps 0, 2, 4, ... "
+        "Null: the student is model.name as it is.",
+    )
+
+    @model_validator(mode="after")
+    def _ascending_layers(self) -> "DistillConfig":
+        layers = self.student_layers
+        if isinstance(layers, list) and (not layers or layers != sorted(set(layers)) or layers[0] < 0):
+            raise ValueError("distill.student_layers must be a non-empty list of distinct block indices in "
+                             "ascending order (e.g. [0, 2, 4]), or every_other")
+        return self
 
 
 # ---------------------------------------------------------------------------- recipe
@@ -348,6 +388,9 @@ class Recipe(Section):
     train: TrainConfig = Field(default_factory=TrainConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
     output: OutputConfig = Field(default_factory=OutputConfig)
+    distill: Optional[DistillConfig] = Field(
+        None, description="Knowledge distillation from a teacher model; absent (null): plain training."
+    )
 
     @property
     def gradient_accumulation_steps(self) -> int:

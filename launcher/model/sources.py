@@ -85,6 +85,10 @@ def materialize(name: str) -> str:
     path = local_path_of(name)
     if path is None:
         return name
+    from launcher.model.run_folder import is_run_folder, model_from_run
+
+    if is_run_folder(path):  # a finished tunefleet run: its trained model (launcher.model.run_folder)
+        return model_from_run(path)
     if path.is_dir():
         return str(path)
     if path.suffix == ".zip":

@@ -1,8 +1,10 @@
-"""Metrics of a run: metrics.jsonl (one line per logged step), TensorBoard events, a loss-curve PNG.
+"""Metrics of a run: metrics.jsonl (one line per logged step), the experiment trackers, a loss-curve PNG.
 
 Only the main process writes; the others hold a logger whose run_dir is None and do nothing.
-On resume, lines and events after the checkpoint's step are dropped first, so a step that ran
-before the interruption and runs again after it appears once.
+Every row goes to metrics.jsonl and, in the same call, to the trackers of output.trackers
+(TensorBoard by default) through accelerate (launcher.outputs.trackers starts them).
+On resume, lines (and TensorBoard events) after the checkpoint's step are dropped first, so a
+step that ran before the interruption and runs again after it appears once.
 """
 
 from __future__ import annotations
@@ -12,10 +14,10 @@ from pathlib import Path
 
 
 class MetricsLog:
-    def __init__(self, run_dir: Path | None):
+    def __init__(self, run_dir: Path | None, accelerator=None):
         self.run_dir = run_dir
+        self.accelerator = accelerator  # its trackers receive every row
         self.rows: list[dict] = []
-        self._writer = None
         self._file = None
 
     @property
@@ -31,14 +33,9 @@ class MetricsLog:
         tmp.write_text("".join(json.dumps(row) + "\n" for row in self.rows))
         tmp.replace(self.path)
 
-    def open(self, purge_after: int = 0) -> None:
+    def open(self) -> None:
         if self.run_dir is None:
             return
-        from torch.utils.tensorboard import SummaryWriter
-
-        # purge_step drops events at or after it that an interrupted attempt wrote.
-        self._writer = SummaryWriter(log_dir=str(self.run_dir / "tensorboard"),
-                                     purge_step=purge_after + 1 if purge_after else None)
         self._file = self.path.open("a")
 
     def log(self, step: int, values: dict[str, float]) -> None:
@@ -48,15 +45,15 @@ class MetricsLog:
         self.rows.append(row)
         self._file.write(json.dumps(row) + "\n")
         self._file.flush()
-        for name, value in values.items():
-            group = "eval" if name.startswith("eval_") else "train"
-            self._writer.add_scalar(f"{group}/{name}", value, step)
+        if self.accelerator is not None:
+            # The group prefix puts train and eval curves in their own panels in every tracker.
+            self.accelerator.log({f"{'eval' if name.startswith('eval_') else 'train'}/{name}": value
+                                  for name, value in values.items()}, step=step)
 
     def close(self) -> None:
         if self.run_dir is None or self._file is None:
             return
-        self._writer.close()
-        self._file.close()
+        self._file.close()  # the trackers are finished by accelerator.end_training() (train.loop.release)
         self._file = None
         self.plot(self.run_dir / "loss_curves.png")
 

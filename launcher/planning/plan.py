@@ -99,6 +99,9 @@ def _count_examples(recipe) -> int | None:
 def estimate(recipe, gpu: bool) -> tuple[Estimate, dict]:
     shape = read_shape(recipe.model.name, recipe.model.revision)
     labels = _num_labels(recipe)
+    teacher_shape = teaching = None
+    if recipe.distill:
+        teacher_shape, shape, teaching = _distill_shapes(recipe, shape)
     params_total = sum(p.numel for p in parameters(shape, labels))
     train = trainable(shape, recipe.peft, recipe.model.task, labels)
     precision = _precision(recipe, gpu)
@@ -108,17 +111,46 @@ def estimate(recipe, gpu: bool) -> tuple[Estimate, dict]:
                                recipe.train.optimizer, qlora, labels)
     tokens = recipe.train.micro_batch_size * recipe.data.max_seq_len
     compute_bytes = 2 if precision in ("bf16", "fp16") else DTYPE_BYTES[recipe.model.dtype]
+    classification = recipe.model.task == "classification"
+    # Distillation compares full logits: the chunked loss is off (launcher.train.build).
     kept, transient = activation_bytes(shape, train, tokens, compute_bytes, recipe.train.gradient_checkpointing,
-                                       recipe.train.chunked_loss, recipe.model.task == "classification")
+                                       recipe.train.chunked_loss and not teaching, classification)
     result.device["activations"] = kept
     result.device["activation peak"] = transient
+    distill_facts = None
+    if teaching:
+        teacher_params = sum(p.numel for p in parameters(teacher_shape, labels))
+        teacher_dtype = {"bf16": "bfloat16", "fp16": "float16"}.get(precision, recipe.model.dtype)
+        # Frozen and replicated whole on every rank (launcher.train.distill), in the training precision.
+        result.device["teacher"] = teacher_params * DTYPE_BYTES[teacher_dtype]
+        if not classification:  # its logits, and both models' float32 log-probabilities in the KL term
+            result.device["activation peak"] += tokens * teacher_shape.vocab * (DTYPE_BYTES[teacher_dtype] + 4 + 4)
+        distill_facts = {"teacher": recipe.distill.teacher or recipe.model.name, "teacher_layers": teacher_shape.layers,
+                         "teacher_parameters": teacher_params, "teacher_dtype": teacher_dtype,
+                         "student_layers": shape.layers}
     result.device["overhead"] = GPU_OVERHEAD if gpu else CPU_OVERHEAD
     facts = {"model": {"family": shape.family, "type": shape.model_type, "layers": shape.layers,
                        "hidden": shape.hidden, "vocab": shape.vocab, "parameters": params_total},
              "weights": _weight_words(recipe, shape, labels, params_total, train),
              "trainable_parameters": train.total, "adapter_parameters": train.adapter, "precision": precision,
              "sharding": setup.words, "tokens_per_micro_batch": tokens}
+    if distill_facts:
+        facts["distillation"] = distill_facts
     return result, facts
+
+
+def _distill_shapes(recipe, model_shape):
+    """(teacher's shape, the student's shape, whether a teacher is loaded) of a recipe that distills."""
+    from dataclasses import replace
+
+    from launcher.model.student_layers import kept_layers
+
+    distill = recipe.distill
+    teacher = read_shape(distill.teacher, recipe.model.revision) if distill.teacher else model_shape
+    student = model_shape
+    if distill.student_layers is not None:
+        student = replace(model_shape, layers=len(kept_layers(distill.student_layers, model_shape.layers)))
+    return teacher, student, distill.alpha > 0
 
 
 def _weight_words(recipe, shape, labels, params_total: int, train) -> str:
@@ -268,6 +300,9 @@ def _text(r: dict) -> str:
         f"{b['gradient_accumulation_steps']} x world size {b['world_size']}; at most {b['tokens_per_step_at_most']:,} "
         f"tokens per step; {b['steps'] or '?'} steps ({b['epochs'] or '?'} epochs of {b['training_examples'] or '?'} examples)",
         "weights: " + r["weights"],
+        *([f"distillation: teacher {d['teacher']} ({d['teacher_layers']} layers, {d['teacher_parameters']:,} parameters "
+           f"in {d['teacher_dtype']}, frozen, whole on every device); student {d['student_layers']} layers"]
+          if (d := r.get("distillation")) else []),
         "sharding: " + "; ".join(r["sharding"]),
         f"precision {r['precision']} on {r['device']}; per-device memory estimate {r['memory_total_gib']:.2f} GiB:",
         *(f"  {part:<16} {gib:8.3f} GiB" for part, gib in m.items()),

@@ -102,6 +102,10 @@ def read_shape(name: str, revision: str | None = None) -> ModelShape:
     if path.is_dir():
         config = path / "config.json"
         if not config.exists():
+            from launcher.model.run_folder import is_run_folder
+
+            if is_run_folder(path):
+                return _run_folder_shape(path)
             raise UserError(f"model.name={name}: the folder has no config.json")
         return shape_from_config(json.loads(config.read_text()), str(config))
     if path.suffix == ".gguf":
@@ -114,6 +118,19 @@ def read_shape(name: str, revision: str | None = None) -> ModelShape:
                 raise UserError(f"model.name={name}: the archive holds no config.json")
             return shape_from_config(json.loads(archive.read(configs[0])), f"{path}:{configs[0]}")
     raise UserError(f"model.name={name}: cannot read a model configuration from {path.name}")
+
+
+def _run_folder_shape(run_dir: Path) -> ModelShape:
+    """A finished tunefleet run: its full-model artifact's config, or (an adapter) its base model's."""
+    import yaml
+
+    from launcher.model.run_folder import run_artifact
+
+    artifact = run_artifact(run_dir)
+    if (artifact / "config.json").is_file():
+        return shape_from_config(json.loads((artifact / "config.json").read_text()), str(artifact / "config.json"))
+    model = (yaml.safe_load((run_dir / "recipe.yaml").read_text()) or {}).get("model") or {}
+    return read_shape(model["name"], model.get("revision"))  # an adapter adds no shape of its own
 
 
 def _hub_config(name: str, revision: str | None) -> dict:

@@ -54,6 +54,7 @@ class Run:
     backend: Backend | None = None  # how to synchronise, step, gather and checkpoint
     resume_from: Path | None = None  # the checkpoint train.resume resolved to
     resumed_state: dict | None = None  # its trainer state, checked against this run
+    teacher: object | None = None  # launcher.train.distill.Teacher when the recipe distills
 
     @property
     def is_main(self) -> bool:
@@ -169,7 +170,15 @@ def build_run(recipe: Recipe, recipe_name: str, command: list[str]) -> Run:
         quiet_library_progress_bars()  # their carriage-return frames turn log files into walls of fragments
     model_path = materialize(recipe.model.name)
     tokenizer = load_tokenizer(model_path, recipe)
+    distill_plan = None
+    if recipe.distill:  # teacher and student resolved and checked before any model loads
+        from launcher.train import distill
+
+        distill_plan = distill.plan_distillation(recipe, model_path, tokenizer)
+        model_path = distill_plan.student_path
     data = prepare_data(recipe, tokenizer, quiet=not local_main)
+    if distill_plan:
+        distill.check_teacher_labels(distill_plan, data.label_names)
 
     use_cpu = not torch.cuda.is_available()
     precision = mixed_precision(recipe.train.precision)
@@ -205,7 +214,9 @@ def build_run(recipe: Recipe, recipe_name: str, command: list[str]) -> Run:
                                                      tokenizer.pad_token_id, accelerator.device))
     from launcher.train.chunked_loss import prepare_chunked_loss
 
-    unchunked = prepare_chunked_loss(model, recipe)  # before the backend wraps the model
+    teaching = bool(recipe.distill and recipe.distill.alpha > 0)  # alpha=0: labels alone, no teacher
+    unchunked = ("distillation needs the student's full logits" if teaching
+                 else prepare_chunked_loss(model, recipe))  # before the backend wraps the model
     if recipe.model.task == "causal_lm":
         announce("loss: cross-entropy in chunks of tokens (no full logits)" if unchunked is None
                  else f"loss: cross-entropy over full logits ({unchunked})", is_main)
@@ -237,6 +248,13 @@ def build_run(recipe: Recipe, recipe_name: str, command: list[str]) -> Run:
     scheduler = build_scheduler(made[0], recipe.train, total_steps)
     accelerator.register_for_checkpointing(scheduler)
     announce(f"backend: {backend.name}", is_main)
+    teacher = None
+    if teaching:
+        teacher = distill.load_teacher(distill_plan, recipe, data.label_names, accelerator.device, precision)
+        announce(distill.describe(distill_plan, teacher, recipe), is_main)
+    elif distill_plan:  # the student is still cut as asked: the baseline a distilled run is compared with
+        announce(f"distillation off (distill.alpha=0): {distill.describe_student(distill_plan)} trains on the labels "
+                 "alone; no teacher is loaded", is_main)
 
     if is_main:
         write_json(run_dir / "distributed.json", {
@@ -250,7 +268,7 @@ def build_run(recipe: Recipe, recipe_name: str, command: list[str]) -> Run:
     return Run(recipe=recipe, accelerator=accelerator, model=model, tokenizer=tokenizer, optimizer=optimizer,
                scheduler=scheduler, data=data, plan=plan, total_steps=total_steps, run_dir=run_dir,
                trainable_params=trainable, total_params=total, backend=backend, resume_from=resume_from,
-               resumed_state=resumed_state)
+               resumed_state=resumed_state, teacher=teacher)
 
 
 LAYOUT_WORDS = {

@@ -21,6 +21,7 @@ from launcher.data.loader import StepDataset, step_feed
 from launcher.outputs.metrics_log import MetricsLog
 from launcher.outputs.progress import progress_bar
 from launcher.outputs.status import write_status
+from launcher.outputs.trackers import close_trackers_as_failed, start_trackers
 from launcher.train.build import Run, RunAlreadyFinished, announce
 from launcher.train.checkpoint import save_checkpoint
 from launcher.train.finish import finish_run, format_metrics
@@ -124,14 +125,18 @@ def train_steps(run: Run) -> dict:
     except BaseException as err:
         if run.is_main:
             write_status(run.run_dir, "failed", error=f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}")
+            close_trackers_as_failed(run)
         raise
 
 
 def _train_steps(run: Run) -> dict:
     recipe = run.recipe
-    log = MetricsLog(run.run_dir if run.is_main else None)
+    log = MetricsLog(run.run_dir if run.is_main else None, run.accelerator)
     state = _restore(run, log)
-    log.open(purge_after=state["step"])
+    where = start_trackers(run, resumed_at=state["step"])  # None on the other processes
+    if where:
+        announce(where, True)
+    log.open()
     if run.is_main:
         write_status(run.run_dir, "running", step=state["step"], total_steps=run.total_steps)
     has_eval = run.data.eval is not None and len(run.data.eval) > 0

@@ -35,6 +35,7 @@ MAY_CHANGE_ON_RESUME = (
     "data.packing", "data.loader_workers",  # how a step's examples are laid out, not which ones
     "eval.batch_size", "eval.at_start", "eval.sample_prompts", "eval.sample_max_new_tokens",
     "output.dir", "output.merge",
+    "output.trackers", "output.project", "output.run_name",  # where metrics are sent, not what they are
 )
 
 

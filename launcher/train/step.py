@@ -37,7 +37,12 @@ class StepResult:
     seconds: float
 
 
-def micro_batch_loss(model, batch: dict, normalizer: torch.Tensor, classification: bool) -> torch.Tensor:
+def micro_batch_loss(model, batch: dict, normalizer: torch.Tensor, classification: bool,
+                     teacher=None) -> torch.Tensor:
+    if teacher is not None:  # distill: the task loss mixed with the teacher's soft targets
+        from launcher.train.distill import distillation_loss
+
+        return distillation_loss(model, teacher, batch, normalizer, classification)
     if classification:
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
         return F.cross_entropy(logits, batch["labels"], reduction="sum") / normalizer
@@ -63,7 +68,7 @@ def train_step(run: Run, step: int, fed: StepBatches) -> StepResult:
     for i, batch in enumerate(fed.batches):
         batch = {k: v.to(acc.device, non_blocking=True) for k, v in batch.items()}
         backend.sync_gradients(acc, run.model, sync=i == len(fed.batches) - 1)  # before the forward: DDP reads it there
-        loss = micro_batch_loss(run.model, batch, normalizer, classification)
+        loss = micro_batch_loss(run.model, batch, normalizer, classification, run.teacher)
         backend.backward(acc, loss)
         loss_sum += loss.detach().double() * normalizer
     grad_norm = backend.optimizer_step(acc, run.model, run.optimizer, run.recipe.train.max_grad_norm)

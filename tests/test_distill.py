@@ -236,14 +236,14 @@ def one_process(tiny_bert, tmp_path_factory):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("backend", ["ddp", "fsdp"])
+@pytest.mark.parametrize("backend", ["ddp", "fsdp", "zero2"])
 def test_world_size_two_distills_like_one_process_and_saves_a_stock_model(backend, one_process, tiny_bert,
                                                                          tmp_path):
     from transformers import AutoModelForSequenceClassification
 
-    from tests.test_backends import launch
+    from tests.test_backends import BACKENDS, launch
 
-    done = launch(tmp_path / "run", "classify_lora", tiny_bert, *WS2, f"distributed.backend={backend}")
+    done = launch(tmp_path / "run", "classify_lora", tiny_bert, *WS2, *BACKENDS[backend])
     assert "distillation: teacher" in done.stdout
     assert losses(tmp_path / "run") == pytest.approx(losses(one_process), rel=1e-4)
     saved, reference = artifact(tmp_path / "run"), artifact(one_process)

@@ -18,6 +18,14 @@ def tiny_for(recipe_name: str, tiny_llama: Path, tiny_bert: Path) -> Path:
     return tiny_bert if load_recipe([f"recipe={recipe_name}"])[1].model.task == "classification" else tiny_llama
 
 
+def tiny_words(recipe_name: str) -> list[str]:
+    """Overrides a shipped recipe needs on the 2-block tiny models: blocks a cut student keeps must exist."""
+    from launcher.config.load import load_recipe
+
+    distill = load_recipe([f"recipe={recipe_name}"])[1].distill
+    return ["distill.student_layers=[0]"] if distill and isinstance(distill.student_layers, list) else []
+
+
 def run_in_process(recipe_name: str, model: Path, out: Path, *overrides: str, teardown: bool = True):
     """Build and train like launcher/run.py does, but return the live Run for inspection."""
     from launcher.config.load import load_recipe

@@ -12,7 +12,7 @@ from launcher.config.preflight import preflight
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = sorted((ROOT / "recipes").rglob("*.yaml"))
 REQUIRED = {"lora", "qlora", "dora", "prompt_tuning", "prefix_tuning", "ia3", "partial_freeze", "full",
-            "classify_lora", "classify_head"}
+            "classify_lora", "classify_head", "distill_classify", "distill_lm"}
 
 
 def test_all_required_recipes_ship():

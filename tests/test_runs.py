@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from launcher.config.load import load_recipe
-from tests.helpers import first_eval_batch, read_jsonl, run_in_process, tiny_for
+from tests.helpers import first_eval_batch, read_jsonl, run_in_process, tiny_for, tiny_words
 
 ROOT = Path(__file__).resolve().parents[1]
 ALL_RECIPES = sorted(p.stem for p in (ROOT / "recipes").rglob("*.yaml"))
@@ -43,7 +43,7 @@ def reload_artifact(run, folder: Path, base_path: Path):
 def test_recipe_end_to_end(recipe_name, tiny_llama, tiny_bert, tmp_path):
     model_path = tiny_for(recipe_name, tiny_llama, tiny_bert)
     run_dir = tmp_path / "run"
-    run, result = run_in_process(recipe_name, model_path, run_dir)
+    run, result = run_in_process(recipe_name, model_path, run_dir, *tiny_words(recipe_name))
 
     # The promised files.
     for name in ("recipe.yaml", "metrics.jsonl", "metrics.json", "loss_curves.png", "final", "best"):

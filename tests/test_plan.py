@@ -282,3 +282,26 @@ def test_plan_of_a_distilling_recipe_sizes_the_cut_student_and_the_frozen_teache
                               f"distill.teacher={tiny_bert}", "distill.student_layers=[0]", "distill.alpha=0",
                               "--json").stdout)
     assert "teacher" not in without["memory_per_device_gib"]  # alpha=0 loads no teacher
+
+
+def test_the_header_only_gguf_reader_agrees_with_the_gguf_package():
+    """read_gguf_header skips what the plan does not need; what it returns is what gguf.GGUFReader reads."""
+    from gguf import GGUFReader
+
+    from launcher.model.sources import resolve_package_path
+    from launcher.planning.shapes import read_gguf_header
+
+    path = resolve_package_path(SMOLLM)
+    metadata, tensor_names = read_gguf_header(path)
+    reader = GGUFReader(str(path))
+    assert tensor_names == [t.name for t in reader.tensors]
+    fields = {k: f for k, f in reader.fields.items() if not k.startswith("GGUF.")}  # its own header entries
+    assert metadata.keys() == fields.keys()
+    for key, field in fields.items():
+        if field.types[0].name == "ARRAY":
+            assert metadata[key] == {"length": len(field.data)}, key
+        elif field.types[0].name == "STRING":
+            assert metadata[key] == bytes(field.parts[field.data[0]]).decode(), key
+        else:
+            assert metadata[key] == pytest.approx(field.parts[field.data[0]][0]), key
+    assert metadata["tokenizer.ggml.tokens"] == {"length": 49152} and len(tensor_names) > 200

@@ -1,14 +1,15 @@
 """A model's shape from its configuration alone: never its weights, never torch.
 
 Sources, as `model.name` allows them: a local folder's config.json; a .gguf file's metadata
-(read by the `gguf` package, which maps the file and parses only its header); a zipped model
-folder inside a package (config.json read from the archive); a hub id whose config is in the
-local Hugging Face cache. Two families are described: llama-like decoders (llama, mistral,
+(its header alone, by `read_gguf_header`); a zipped model folder inside a package (config.json
+read from the archive); a finished tunefleet run folder (its artifact's config, or its base
+model's); a hub id whose config is in the local Hugging Face cache. Two families are described: llama-like decoders (llama, mistral,
 qwen2/3, smollm: gated MLP, grouped-query attention) and BERT-like encoders.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import zipfile
 from dataclasses import dataclass
@@ -66,29 +67,86 @@ def shape_from_config(config: dict, where: str) -> ModelShape:
                     f"(decoders: {', '.join(DECODER_TYPES)}; encoders: {', '.join(ENCODER_TYPES)})")
 
 
+# GGUF metadata value types (the spec's gguf_metadata_value_type) -> struct format of one scalar.
+_GGUF_SCALARS = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
+_GGUF_STRING, _GGUF_ARRAY = 8, 9
+
+
+def read_gguf_header(path: Path) -> tuple[dict, list[str]]:
+    """(metadata, tensor names) of a .gguf file, reading only its header.
+
+    Why not gguf.GGUFReader: it builds a numpy view of every metadata item, the tokenizer's ~100,000
+    strings included, which takes 2-3 s per read on this CPU; the plan needs a handful of integers and
+    the array lengths. Arrays come back as {"length": n} (strings and numbers alike), skipped unread.
+    """
+    import struct
+
+    with path.open("rb") as f:
+        def read(fmt: str):
+            return struct.unpack("<" + fmt, f.read(struct.calcsize("<" + fmt)))[0]
+
+        def string() -> str:
+            return f.read(read("Q")).decode("utf-8", "replace")
+
+        def skip(kind: int) -> None:
+            if kind == _GGUF_STRING:
+                f.seek(read("Q"), 1)
+            elif kind == _GGUF_ARRAY:
+                item, count = read("I"), read("Q")
+                if item in _GGUF_SCALARS:
+                    f.seek(struct.calcsize(_GGUF_SCALARS[item]) * count, 1)
+                else:
+                    for _ in range(count):
+                        skip(item)
+            else:
+                f.seek(struct.calcsize(_GGUF_SCALARS[kind]), 1)
+
+        if f.read(4) != b"GGUF":
+            raise UserError(f"model.name={path}: not a GGUF file (its first bytes are not GGUF)")
+        version = read("I")
+        if version < 2:
+            raise UserError(f"model.name={path}: GGUF version {version} is too old to read (2 or later)")
+        tensor_count, kv_count = read("Q"), read("Q")
+        metadata: dict = {}
+        for _ in range(kv_count):
+            key, kind = string(), read("I")
+            if kind == _GGUF_STRING:
+                metadata[key] = string()
+            elif kind == _GGUF_ARRAY:
+                item, count = read("I"), read("Q")
+                metadata[key] = {"length": count}
+                f.seek(-12, 1)  # back to the array's own header, which skip() reads
+                skip(_GGUF_ARRAY)
+            else:
+                metadata[key] = read(_GGUF_SCALARS[kind])
+        names = []
+        for _ in range(tensor_count):
+            names.append(string())
+            dims = read("I")
+            f.seek(8 * dims + 4 + 8, 1)  # the dimensions, the tensor type, the data offset
+    return metadata, names
+
+
 def shape_from_gguf(path: Path) -> ModelShape:
-    from gguf import GGUFReader
+    stat = path.stat()  # the plan's advice sizes a dozen variants of one recipe: read the file once
+    return _gguf_shape(str(path.resolve()), stat.st_size, stat.st_mtime_ns)
 
-    reader = GGUFReader(str(path))
 
-    def field(key: str, default=None):
-        found = reader.fields.get(key)
-        if found is None:
-            return default
-        value = found.parts[found.data[0]]
-        return value.tobytes().decode() if found.types and found.types[0].name == "STRING" else int(value[0])
-
-    arch = field("general.architecture")
+@functools.lru_cache(maxsize=8)
+def _gguf_shape(path_text: str, _size: int, _mtime_ns: int) -> ModelShape:
+    path = Path(path_text)
+    metadata, tensor_names = read_gguf_header(path)
+    arch = metadata["general.architecture"]
     prefix = f"{arch}."
-    heads = field(prefix + "attention.head_count")
-    hidden = field(prefix + "embedding_length")
-    tokens = reader.fields["tokenizer.ggml.tokens"]
+    heads = metadata[prefix + "attention.head_count"]
     config = {
-        "model_type": arch, "vocab_size": len(tokens.data), "hidden_size": hidden,
-        "intermediate_size": field(prefix + "feed_forward_length"), "num_hidden_layers": field(prefix + "block_count"),
-        "num_attention_heads": heads, "num_key_value_heads": field(prefix + "attention.head_count_kv", heads),
+        "model_type": arch, "vocab_size": metadata["tokenizer.ggml.tokens"]["length"],
+        "hidden_size": metadata[prefix + "embedding_length"],
+        "intermediate_size": metadata[prefix + "feed_forward_length"],
+        "num_hidden_layers": metadata[prefix + "block_count"],
+        "num_attention_heads": heads, "num_key_value_heads": metadata.get(prefix + "attention.head_count_kv", heads),
         # A separate output matrix is stored only when the head is not tied to the embeddings.
-        "tie_word_embeddings": not any(t.name == "output.weight" for t in reader.tensors),
+        "tie_word_embeddings": "output.weight" not in tensor_names,
     }
     return shape_from_config(config, str(path))
 

@@ -367,3 +367,10 @@ def test_two_processes_log_once_from_the_main_process(tiny_llama, tmp_path, monk
     assert_mlflow_holds_the_run(store, tmp_path / "run")
     assert len(list((tmp_path / "run" / "wandb").glob("offline-run-*"))) == 1
     assert len(list((tmp_path / "run" / "tensorboard").glob("events.out.tfevents.*"))) == 1
+
+
+def test_a_tracking_uri_is_printed_without_its_credentials():
+    from launcher.outputs.trackers import without_credentials
+
+    assert without_credentials("https://alice:s3cret@mlflow.example:5000/path") == "https://***@mlflow.example:5000/path"
+    assert without_credentials("sqlite:///runs/mlflow.db") == "sqlite:///runs/mlflow.db"

@@ -88,18 +88,18 @@ def read_gguf_header(path: Path) -> tuple[dict, list[str]]:
         def string() -> str:
             return f.read(read("Q")).decode("utf-8", "replace")
 
-        def skip(kind: int) -> None:
-            if kind == _GGUF_STRING:
-                f.seek(read("Q"), 1)
-            elif kind == _GGUF_ARRAY:
-                item, count = read("I"), read("Q")
-                if item in _GGUF_SCALARS:
-                    f.seek(struct.calcsize(_GGUF_SCALARS[item]) * count, 1)
-                else:
-                    for _ in range(count):
-                        skip(item)
-            else:
-                f.seek(struct.calcsize(_GGUF_SCALARS[kind]), 1)
+        def skip_array() -> int:
+            """Skip an array value, its header included; return its length."""
+            item, count = read("I"), read("Q")
+            if item in _GGUF_SCALARS:
+                f.seek(struct.calcsize(_GGUF_SCALARS[item]) * count, 1)
+            elif item == _GGUF_STRING:
+                for _ in range(count):
+                    f.seek(read("Q"), 1)
+            else:  # an array of arrays
+                for _ in range(count):
+                    skip_array()
+            return count
 
         if f.read(4) != b"GGUF":
             raise UserError(f"model.name={path}: not a GGUF file (its first bytes are not GGUF)")
@@ -113,10 +113,7 @@ def read_gguf_header(path: Path) -> tuple[dict, list[str]]:
             if kind == _GGUF_STRING:
                 metadata[key] = string()
             elif kind == _GGUF_ARRAY:
-                item, count = read("I"), read("Q")
-                metadata[key] = {"length": count}
-                f.seek(-12, 1)  # back to the array's own header, which skip() reads
-                skip(_GGUF_ARRAY)
+                metadata[key] = {"length": skip_array()}
             else:
                 metadata[key] = read(_GGUF_SCALARS[kind])
         names = []

@@ -297,6 +297,54 @@ def test_a_stop_signal_on_a_checkpoint_step_writes_that_checkpoint_once(tiny_lla
     assert [p.name for p in complete_checkpoints(tmp_path / "run")] == ["step-00000002"]
 
 
+@pytest.mark.parametrize("early_stop", [False, True], ids=["last-step", "early-stop"])
+def test_a_stop_signal_while_finishing_checkpoints_and_the_resumed_run_only_finishes(early_stop, tiny_llama, tmp_path,
+                                                                                  monkeypatch):
+    """Killed half-way through writing its artifacts, a run would be left 'running' with nothing to
+    requeue; it stops between them instead, and its continuation trains no further step."""
+    from launcher.train import finish, loop
+    from launcher.train.preemption import Preempted
+
+    words = [*EXACT, "train.checkpoint_every=null"]  # the stop itself must write the one checkpoint
+    if early_stop:
+        real_select = loop.evaluate_and_select
+        monkeypatch.setattr(loop, "evaluate_and_select",
+                            lambda run, state, step: (real_select(run, state, step)[0], step == 3))
+    run_in_process("lora", tiny_llama, tmp_path / "whole", *words)
+    loop.reset_process_state()
+
+    real_save, saved = finish.save_run_artifact, []
+
+    def save_then_signal(run, name, marker):
+        state = real_save(run, name, marker)
+        saved.append(name)
+        if name == "final" and saved.count("final") == 1:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return state
+
+    monkeypatch.setattr(finish, "save_run_artifact", save_then_signal)
+    stopped_at = 3 if early_stop else 6
+    with pytest.raises(Preempted):
+        run_in_process("lora", tiny_llama, tmp_path / "run", *words)
+    loop.reset_process_state()
+    status = json.loads((tmp_path / "run" / "status.json").read_text())
+    assert status["state"] == "interrupted" and status["step"] == stopped_at
+    assert [p.name for p in complete_checkpoints(tmp_path / "run")] == [f"step-{stopped_at:08d}"]
+    assert not (tmp_path / "run" / "metrics.json").exists()
+
+    _, result = run_in_process("lora", tiny_llama, tmp_path / "run", *words, "train.resume=auto")
+    loop.reset_process_state()
+    assert saved.count("final") == 2  # the continuation redid the finishing, and only that
+    assert json.loads((tmp_path / "run" / "status.json").read_text())["state"] == "finished"
+    whole = json.loads((tmp_path / "whole" / "metrics.json").read_text())
+    assert result["steps"] == whole["steps"] == stopped_at and result["stopped_early"] == whole["stopped_early"] == early_stop
+    assert result["train_loss"] == pytest.approx(whole["train_loss"], rel=1e-6)  # carried by the checkpoint
+    assert result["eval_final"]["eval_loss"] == pytest.approx(whole["eval_final"]["eval_loss"], rel=1e-6)
+    assert losses(tmp_path / "run") == pytest.approx(losses(tmp_path / "whole"), rel=1e-6)
+    for key, tensor in adapter(tmp_path / "whole").items():
+        torch.testing.assert_close(adapter(tmp_path / "run")[key], tensor, atol=1e-6, rtol=1e-5)
+
+
 @pytest.mark.slow
 def test_sigusr1_to_the_launcher_alone_checkpoints_every_rank(tiny_llama, tmp_path):
     """Slurm's time-limit warning may be USR1, sent to the launcher only: torchrun's agent would die of

@@ -163,7 +163,7 @@ space:
 @pytest.mark.slow
 def test_cancel_stops_the_search_and_continuing_resumes_its_trial_from_a_checkpoint(tiny_llama, tmp_path, capsys):
     path = write(tmp_path, """
-base: [recipe=lora, train.max_steps=30, train.checkpoint_every=3, eval.every_steps=15, data.max_samples=200,
+base: [recipe=lora, train.max_steps=150, train.checkpoint_every=3, eval.every_steps=75, data.max_samples=200,
        data.max_eval_samples=16, "eval.sample_prompts=[]", eval.at_start=false]
 trials: 1
 pruner: none

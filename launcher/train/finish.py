@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
 from launcher.outputs.run_dir import write_json
 from launcher.outputs.status import FINISHED, write_status
@@ -16,13 +16,20 @@ if TYPE_CHECKING:
     from launcher.train.build import Run
 
 
-def finish_run(run: Run, state: dict, *, train_loss: float, elapsed: float, stopped_early: bool,
-               samples_before: list[dict]) -> dict:
-    """Write everything a finished run leaves behind; return (and on the main process write) metrics.json."""
+def finish_run(run: Run, state: dict, *, elapsed: float, samples_before: list[dict],
+               stop_point: Callable[[], None] = lambda: None) -> dict:
+    """Write everything a finished run leaves behind; return (and on the main process write) metrics.json.
+
+    `stop_point` is called (on every rank) between the parts: on a stop signal it raises Preempted
+    after making sure the last step has a checkpoint, and the resumed run finishes again from there.
+    Each part replaces what it writes whole, so redoing it leaves nothing half-written.
+    """
     recipe = run.recipe
     publish_best(run, state)
     final_state = save_run_artifact(run, "final", {"step": state["step"]})
-    summary = {"eval_start": state["eval_start"], "eval_final": state["eval_final"], "stopped_early": stopped_early}
+    stop_point()
+    summary = {"eval_start": state["eval_start"], "eval_final": state["eval_final"],
+               "stopped_early": state["stopped_early"]}
     if summary["eval_final"]:
         announce(f"eval after training: {format_metrics(summary['eval_final'])}", run.is_main)
     if summary["eval_start"] and summary["eval_final"]:
@@ -30,6 +37,7 @@ def finish_run(run: Run, state: dict, *, train_loss: float, elapsed: float, stop
                  f"{summary['eval_final']['eval_loss']:.4f}", run.is_main)
     samples = _write_samples(run, samples_before)
     write_rank_summary(run, state["step"], final_state)
+    stop_point()
     if recipe.output.merge and run.is_main:
         from launcher.outputs.artifacts import merge_run
 
@@ -37,7 +45,7 @@ def finish_run(run: Run, state: dict, *, train_loss: float, elapsed: float, stop
     metric_key = eval_key(recipe.eval.metric)
     result = {
         "method": recipe.peft.method, "task": recipe.model.task, "steps": state["step"],
-        "train_loss": train_loss, "runtime_s": elapsed, "tokens_per_s": state["tokens_done"] / max(state["train_seconds"], 1e-9),
+        "train_loss": state["train_loss"], "runtime_s": elapsed, "tokens_per_s": state["tokens_done"] / max(state["train_seconds"], 1e-9),
         "padding": 1 - state["tokens_done"] / max(state["slots_done"], 1),
         "mfu": model_flops_utilisation(run.accelerator, state["flops_done"], state["train_seconds"]),
         "trainable_params": run.trainable_params, "total_params": run.total_params,

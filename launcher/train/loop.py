@@ -34,7 +34,8 @@ from launcher.train.throughput import FlopsModel, model_flops_utilisation
 
 def fresh_state() -> dict:
     """What the loop carries from step to step (and a checkpoint stores)."""
-    return {"step": 0, "best_value": None, "best_step": None, "evals_without_gain": 0,
+    return {"step": 0, "train_loss": float("nan"), "best_value": None, "best_step": None, "evals_without_gain": 0,
+            "stopped_early": False,
             "eval_start": None, "eval_final": None, "tokens_done": 0, "elapsed": 0.0,
             # Throughput over training steps only (evaluation excluded), data waits included.
             "slots_done": 0, "flops_done": 0.0, "train_seconds": 0.0}
@@ -77,17 +78,28 @@ def _checkpoint(run: Run, state: dict) -> Path:
     return path
 
 
-def _checkpoint_and_maybe_stop(run: Run, state: dict, stop: StopFlag, log: MetricsLog, stopped_early: bool) -> None:
-    """Checkpoint when due; on a stop signal (any rank), make sure one exists and raise Preempted."""
+def _checkpoint_and_maybe_stop(run: Run, state: dict, stop: StopFlag, log: MetricsLog,
+                               stopped_early: bool) -> Path | None:
+    """Checkpoint when due; on a stop signal (any rank), make sure one exists and raise Preempted.
+
+    Returns the checkpoint written for this step, if any."""
     step, every = state["step"], run.recipe.train.checkpoint_every
     written = None
     if every and (step % every == 0 or step == run.total_steps or stopped_early):
         written = _checkpoint(run, state)
+    _stop_if_signalled(run, state, stop, log, written)
+    return written
+
+
+def _stop_if_signalled(run: Run, state: dict, stop: StopFlag, log: MetricsLog, written: Path | None = None,
+                       when: str = "") -> None:
+    """On a stop signal (any rank): make sure the current step has a checkpoint, record it, raise Preempted."""
     if not stop.any_rank_stopping(run.accelerator):
         return
+    step = state["step"]
     path = written or _checkpoint(run, state)  # a step is checkpointed once
-    announce(f"{stop.signal_name or 'stop signal on another rank'}: checkpoint {path} written after step {step}; "
-             f"exiting with code {PREEMPTED_EXIT_CODE} (requeue with train.resume=auto)", run.is_main)
+    announce(f"{stop.signal_name or 'stop signal on another rank'}{when}: checkpoint {path} written after step "
+             f"{step}; exiting with code {PREEMPTED_EXIT_CODE} (requeue with train.resume=auto)", run.is_main)
     if run.is_main:
         write_status(run.run_dir, "interrupted", step=step, total_steps=run.total_steps, checkpoint=str(path),
                      signal=stop.signal_name)
@@ -147,49 +159,55 @@ def _train_steps(run: Run) -> dict:
         announce(f"eval before training: {format_metrics(state['eval_start'])}", run.is_main)
     samples_before = generate_samples(run) if recipe.eval.at_start and fresh_start else []
 
+    # Installed until the run has finished: a stop signal while the final artifacts are written is
+    # honoured between them (launcher.train.finish), not by dying half-way with status "running".
     stop = StopFlag().install()
     started = time.perf_counter() - state["elapsed"]
-    train_loss, stopped_early = float("nan"), False
+    last_checkpoint = run.resume_from  # of state["step"]: a step is checkpointed once
     progress = progress_bar(total=run.total_steps, desc="training", enabled=run.is_main, initial=state["step"])
     run.model.train()
     flops = FlopsModel.of(run.model)
     feed = _feed(run, state["step"])
     try:
-        for step in range(state["step"] + 1, run.total_steps + 1):
+        # An early-stopped run resumed (a stop signal came while it finished) goes straight to finishing.
+        for step in range(state["step"] + 1, 0 if state["stopped_early"] else run.total_steps + 1):
             fetch_started = time.perf_counter()
             fed = next(feed)
             waited = time.perf_counter() - fetch_started
             result = train_step(run, step, fed)
             seconds = waited + result.seconds
-            train_loss = result.loss
+            state["train_loss"] = result.loss
             state["step"], state["tokens_done"] = step, state["tokens_done"] + result.tokens
             state["slots_done"] += result.slots
             state["flops_done"] += flops.step_flops(result.tokens, result.attention_pairs)
             state["train_seconds"] += seconds
             row = _log_row(run, step, result, seconds, waited, flops)
             progress.update(1)
-            progress.set_postfix(loss=f"{train_loss:.4f}")
+            progress.set_postfix(loss=f"{result.loss:.4f}")
             every = recipe.eval.every_steps
             if has_eval and ((every and step % every == 0) or step == run.total_steps):
-                metrics, stopped_early = evaluate_and_select(run, state, step)
+                metrics, state["stopped_early"] = evaluate_and_select(run, state, step)
                 row.update(metrics)
-                if stopped_early:
+                if state["stopped_early"]:
                     announce(f"early stop at step {step}: {recipe.eval.metric} has not improved for "
                              f"{recipe.eval.early_stopping_patience} evaluations (best {state['best_value']:.4f} "
                              f"at step {state['best_step']})", run.is_main)
             if row:
                 log.log(step, row)
             state["elapsed"] = time.perf_counter() - started
-            _checkpoint_and_maybe_stop(run, state, stop, log, stopped_early)
-            if stopped_early:
+            last_checkpoint = _checkpoint_and_maybe_stop(run, state, stop, log, state["stopped_early"])
+            if state["stopped_early"]:
                 break
-    finally:
-        feed.close()  # shuts the loader's worker processes down
+        feed.close()  # shuts the loader's worker processes down before the finishing work
+        progress.close()
+        log.close()
+        return finish_run(run, state, elapsed=time.perf_counter() - started, samples_before=samples_before,
+                          stop_point=lambda: _stop_if_signalled(run, state, stop, log, last_checkpoint,
+                                                                when=" while finishing"))
+    finally:  # both close twice harmlessly
+        feed.close()
         progress.close()
         stop.uninstall()
-    log.close()
-    return finish_run(run, state, train_loss=train_loss, elapsed=time.perf_counter() - started,
-                      stopped_early=stopped_early, samples_before=samples_before)
 
 
 def run_training(recipe, recipe_name: str, command: list[str]) -> Path:

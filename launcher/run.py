@@ -19,7 +19,7 @@ if __package__ in (None, ""):
     sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 from launcher.errors import UserError  # noqa: E402
-from launcher.train.preemption import Preempted  # noqa: E402
+from launcher.train.preemption import Preempted, StopAtOnceUntilTraining, StoppedBeforeTraining  # noqa: E402
 
 
 def launched_world_overrides() -> list[str]:
@@ -81,6 +81,18 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _main(argv: list[str]) -> int:
+    try:
+        with StopAtOnceUntilTraining():
+            return _prepare_and_train(argv)
+    except StoppedBeforeTraining as stop:
+        if os.environ.get("RANK", "0") == "0":
+            print(f"[tunefleet] {stop.args[0]} before training began: nothing to checkpoint; exiting with code "
+                  f"{stop.exit_code} (requeue with train.resume=auto)", file=sys.stderr, flush=True)
+        write_status("preempted")
+        return stop.exit_code
+
+
+def _prepare_and_train(argv: list[str]) -> int:
     try:
         from launcher.config.load import load_recipe
         from launcher.config.preflight import preflight

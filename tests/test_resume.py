@@ -297,6 +297,52 @@ def test_a_stop_signal_on_a_checkpoint_step_writes_that_checkpoint_once(tiny_lla
     assert [p.name for p in complete_checkpoints(tmp_path / "run")] == ["step-00000002"]
 
 
+def test_a_stop_signal_before_training_began_exits_75_at_once_and_records_no_failure(tiny_llama, tmp_path,
+                                                                                   monkeypatch, capsys):
+    """A load outliving the scheduler's grace period would end in a SIGKILL that reads as a failure,
+    and a preempted job would not be requeued; stopping at once (nothing trained, nothing to save) is
+    what lets it be requeued."""
+    from launcher.train import build, loop
+
+    monkeypatch.setenv("TUNEFLEET_STATUS_FILE", str(tmp_path / "cli-status"))
+    common = ["recipe=lora", f"model.name={tiny_llama}", f"output.dir={tmp_path / 'run'}", *QUICK, *EXACT]
+    before = signal.getsignal(signal.SIGTERM)
+    real_build = build.build_run
+
+    def signalled_while_loading(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)
+        return real_build(*args, **kwargs)
+
+    monkeypatch.setattr(build, "build_run", signalled_while_loading)
+    assert run_script.main(common) == PREEMPTED_EXIT_CODE
+    assert "SIGTERM before training began: nothing to checkpoint" in capsys.readouterr().err
+    assert (tmp_path / "cli-status").read_text().strip() == "preempted"  # what `tunefleet run` turns into exit 75
+    assert signal.getsignal(signal.SIGTERM) is before
+    monkeypatch.setattr(build, "build_run", real_build)
+
+    # Interrupted once at step 2, then signalled again while the continuation restores its checkpoint.
+    real_step = loop.train_step
+    monkeypatch.setattr(loop, "train_step", lambda run, step, fed: (
+        real_step(run, step, fed), step == 2 and os.kill(os.getpid(), signal.SIGTERM))[0])
+    assert run_script.main([*common, "train.resume=auto"]) == PREEMPTED_EXIT_CODE
+    monkeypatch.setattr(loop, "train_step", real_step)
+    real_restore = loop._restore
+
+    def signalled_while_restoring(run, log):
+        os.kill(os.getpid(), signal.SIGUSR1)
+        return real_restore(run, log)
+
+    monkeypatch.setattr(loop, "_restore", signalled_while_restoring)
+    assert run_script.main([*common, "train.resume=auto"]) == PREEMPTED_EXIT_CODE
+    status = json.loads((tmp_path / "run" / "status.json").read_text())
+    assert status["state"] == "interrupted" and status["step"] == 2  # not "failed", not "running"
+    assert signal.getsignal(signal.SIGUSR1) is signal.SIG_DFL
+    monkeypatch.setattr(loop, "_restore", real_restore)
+    assert run_script.main([*common, "train.resume=auto"]) == 0
+    assert json.loads((tmp_path / "run" / "status.json").read_text())["state"] == "finished"
+    assert [r["step"] for r in read_jsonl(tmp_path / "run" / "metrics.jsonl") if "loss" in r] == [1, 2, 3, 4, 5, 6]
+
+
 @pytest.mark.parametrize("early_stop", [False, True], ids=["last-step", "early-stop"])
 def test_a_stop_signal_while_finishing_checkpoints_and_the_resumed_run_only_finishes(early_stop, tiny_llama, tmp_path,
                                                                                   monkeypatch):

@@ -123,6 +123,9 @@ space:
     stopped = orphans[0]
     os.kill(stopped["pid"], signal.SIGTERM)
     assert wait_for(lambda: not alive(stopped["pid"]), 60)
+    # A driver may also die between asking Optuna for a trial and recording its run: the next starts it.
+    asked = _study(folder).ask().number
+    assert asked == 2 and len(_manifest(folder)["runs"]) == 2
     assert main(["search", str(folder), "train.lr=1"]) == 2  # continuing takes no new words
     assert main(["search", str(folder)]) == 0
     assert wait_for(lambda: _manifest(folder)["supervisor_pid"] != driver, 30), "no new driver took over"
@@ -142,6 +145,7 @@ space:
 
     study = _study(folder)
     assert [t.state.name for t in study.trials] == ["COMPLETE", "COMPLETE", "COMPLETE", "PRUNED"]
+    assert study.trials[asked].params == {"train.lr": 3.0e-2}  # its enqueued values, not a new draw
     for trial in study.trials[:3]:  # each value is what the run itself recorded as its best
         own = json.loads((folder / f"trial-{trial.number:03d}" / "metrics.json").read_text())
         assert trial.value == pytest.approx(own["best"]["value"])

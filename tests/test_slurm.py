@@ -22,7 +22,7 @@ import torch
 from safetensors.torch import load_file
 
 from launcher.distributed.rendezvous import free_port
-from tests.helpers import read_jsonl
+from tests.helpers import read_jsonl, wait_for
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
@@ -172,10 +172,18 @@ def _job(env, job: str) -> str:
 def test_cancel_and_failure_are_reported_and_failures_are_not_requeued(slurm, tiny_llama, tmp_path):
     env = job_env(slurm)
     long_run = tmp_path / "long"
-    submit(env, "recipe=lora", f"model.name={tiny_llama}", *TRAIN, "train.max_steps=5000", "cluster=local",
-           f"output.dir={long_run}")
+    job = submit(env, "recipe=lora", f"model.name={tiny_llama}", *TRAIN, "train.max_steps=5000", "cluster=local",
+                 f"output.dir={long_run}")
+    metrics = long_run / "metrics.jsonl"
+    assert wait_for(lambda: metrics.exists() and len(metrics.read_text().splitlines()) >= 3, 180)
     assert cli(env, "cancel", str(long_run)).returncode == 0
     assert "cancelled" in wait_state(env, long_run, {"cancelled"}, 120)
+    # Cancelled mid-training, the run checkpoints on the SIGTERM like a warned job, but is not requeued.
+    assert wait_for(lambda: "JobState=CANCELLED" in _job(env, job), 60), _job(env, job)
+    assert "Restarts=0" in _job(env, job)
+    log = "".join(p.read_text() for p in (long_run / "slurm").glob("slurm-*.out"))
+    assert "was cancelled, so it is not requeued" in log, log[-3000:]
+    assert json.loads((long_run / "status.json").read_text())["state"] == "interrupted"
     # A sweep in which one run fails once its job starts (its data file vanishes after submission).
     data = tmp_path / "rows.jsonl"
     data.write_text((ROOT / "data" / "wordnet" / "definitions_train.jsonl").read_text())

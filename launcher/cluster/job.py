@@ -17,7 +17,11 @@ go wrong. Here:
 3. A checkpoint written on a stop signal (every node's launcher exits 0 and the run's status.json
    says interrupted) requeues the job with `scontrol requeue`, at most
    TUNEFLEET_MAX_RESTARTS times; the requeued job continues with train.resume=auto. Any other failure
-   ends the job with that status: it is not requeued.
+   ends the job with that status: it is not requeued. Nor is a cancelled job: `scancel`,
+   `tunefleet cancel` or a search pruning a trial sends the same SIGTERM as a warning would, and
+   requeueing would undo the cancel. Slurm shows such a job COMPLETING; a warned job (`--signal`,
+   `scancel --signal`) is still RUNNING when it has checkpointed, and one that reached its time
+   limit is COMPLETING with Reason=TimeLimit: both are requeued.
 """
 
 from __future__ import annotations
@@ -62,6 +66,17 @@ def stopped_for_requeue(code: int, run_dir: Path) -> bool:
     from launcher.outputs.status import read_status
 
     return code == PREEMPTED_EXIT_CODE or (code == 0 and read_status(run_dir).get("state") == "interrupted")
+
+
+def cancelled(job_id) -> bool:
+    """Whether Slurm is ending the job for a reason other than its time limit (scancel, a preemption
+    that cancels). While the batch process still runs, such a job shows COMPLETING, not CANCELLED;
+    one that reached its time limit shows COMPLETING with Reason=TimeLimit and is worth a requeue.
+    If Slurm does not answer, the job counts as not cancelled: requeue as before."""
+    from launcher.cluster.slurm_executor import job_details
+
+    details = job_details(str(job_id))
+    return details.get("state", "running") not in ("running", "") and details.get("reason") != "TimeLimit"
 
 
 def sweep_task_words(words: list[str], environ=os.environ) -> list[str]:
@@ -125,6 +140,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[tunefleet] training step ended with status {code}", flush=True)
         return code
     code = PREEMPTED_EXIT_CODE
+    if cancelled(job.job_id):
+        print(f"[tunefleet] checkpoint written; job {job.job_id} was cancelled, so it is not requeued; submit it "
+              "again to continue (train.resume=auto)", flush=True)
+        return code
     if job.restart_count >= max_restarts:
         print(f"[tunefleet] checkpoint written, but the job has been requeued {job.restart_count} times already "
               f"(TUNEFLEET_MAX_RESTARTS={max_restarts}): not requeueing; resubmit to continue", flush=True)

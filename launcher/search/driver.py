@@ -186,10 +186,11 @@ class Driver:
         record.update(state="running", started=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
         self.save()
 
-    def new_trial(self) -> None:
+    def new_trial(self, trial=None) -> None:
+        """Ask for a trial (or start one asked for before: its suggestions return what they stored)."""
         from optuna.trial import TrialState
 
-        trial = self.study.ask()
+        trial = trial or self.study.ask()
         values = {p.key: p.suggest(trial) for p in self.spec.params}
         overrides = {key: _word_value(value) for key, value in values.items()}  # as a sweep's: command-line text
         name = f"trial-{trial.number:03d}"
@@ -255,8 +256,8 @@ class Driver:
 
         for frozen in self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
             record = self.record(frozen.number)
-            if record is None:  # asked, never started: the driver died in between
-                self.study.tell(frozen.number, state=TrialState.FAIL)
+            if record is None:  # asked, never started: the driver died in between. Start it now, so
+                self.new_trial(Trial(self.study, frozen._trial_id))  # trial-N stays trial N, none lost
                 continue
             self.trials[frozen.number] = Trial(self.study, frozen._trial_id)
             if record["state"] in ("running", "pruning") and not self.executor.ended(record):
@@ -268,6 +269,7 @@ class Driver:
         for record in self.manifest["runs"]:
             if record["state"] == "pruning" and self.executor.ended(record):
                 record["state"] = "pruned"
+        self.manifest["runs"].sort(key=lambda r: r["trial"])  # runs[N] is trial N, as for a sweep's run N
         self.save()
 
     def stop(self) -> None:

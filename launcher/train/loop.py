@@ -25,7 +25,8 @@ from launcher.outputs.trackers import close_trackers_as_failed, start_trackers
 from launcher.train.build import Run, RunAlreadyFinished, announce
 from launcher.train.checkpoint import save_checkpoint
 from launcher.train.finish import finish_run, format_metrics
-from launcher.train.preemption import PREEMPTED_EXIT_CODE, Preempted, StopFlag
+from launcher.train.preemption import (PREEMPTED_EXIT_CODE, Preempted, StopFlag, StoppedBeforeTraining,
+                                       training_started)
 from launcher.train.report import generate_samples
 from launcher.train.selection import evaluate_and_select, reconcile_best, run_evaluation
 from launcher.train.step import train_step
@@ -132,7 +133,7 @@ def _feed(run: Run, first_step_index: int):
 def train_steps(run: Run) -> dict:
     try:
         return _train_steps(run)
-    except Preempted:
+    except (Preempted, StoppedBeforeTraining):  # stopped, not failed: train.resume=auto continues it
         raise
     except BaseException as err:
         if run.is_main:
@@ -149,26 +150,28 @@ def _train_steps(run: Run) -> dict:
     if where:
         announce(where, True)
     log.open()
-    if run.is_main:
-        write_status(run.run_dir, "running", step=state["step"], total_steps=run.total_steps)
-    has_eval = run.data.eval is not None and len(run.data.eval) > 0
-    fresh_start = state["step"] == 0
-    if has_eval and recipe.eval.at_start and fresh_start:
-        state["eval_start"] = run_evaluation(run)
-        log.log(0, state["eval_start"])
-        announce(f"eval before training: {format_metrics(state['eval_start'])}", run.is_main)
-    samples_before = generate_samples(run) if recipe.eval.at_start and fresh_start else []
-
-    # Installed until the run has finished: a stop signal while the final artifacts are written is
-    # honoured between them (launcher.train.finish), not by dying half-way with status "running".
+    # From here until the run has finished a stop signal is recorded and honoured after the current
+    # step (or between the final artifacts, launcher.train.finish), never by dying half-way.
     stop = StopFlag().install()
-    started = time.perf_counter() - state["elapsed"]
-    last_checkpoint = run.resume_from  # of state["step"]: a step is checkpointed once
-    progress = progress_bar(total=run.total_steps, desc="training", enabled=run.is_main, initial=state["step"])
-    run.model.train()
-    flops = FlopsModel.of(run.model)
-    feed = _feed(run, state["step"])
+    training_started()
+    feed = progress = None
     try:
+        if run.is_main:
+            write_status(run.run_dir, "running", step=state["step"], total_steps=run.total_steps)
+        has_eval = run.data.eval is not None and len(run.data.eval) > 0
+        fresh_start = state["step"] == 0
+        if has_eval and recipe.eval.at_start and fresh_start:
+            state["eval_start"] = run_evaluation(run)
+            log.log(0, state["eval_start"])
+            announce(f"eval before training: {format_metrics(state['eval_start'])}", run.is_main)
+        samples_before = generate_samples(run) if recipe.eval.at_start and fresh_start else []
+
+        started = time.perf_counter() - state["elapsed"]
+        last_checkpoint = run.resume_from  # of state["step"]: a step is checkpointed once
+        progress = progress_bar(total=run.total_steps, desc="training", enabled=run.is_main, initial=state["step"])
+        run.model.train()
+        flops = FlopsModel.of(run.model)
+        feed = _feed(run, state["step"])
         # An early-stopped run resumed (a stop signal came while it finished) goes straight to finishing.
         for step in range(state["step"] + 1, 0 if state["stopped_early"] else run.total_steps + 1):
             fetch_started = time.perf_counter()
@@ -204,9 +207,11 @@ def _train_steps(run: Run) -> dict:
         return finish_run(run, state, elapsed=time.perf_counter() - started, samples_before=samples_before,
                           stop_point=lambda: _stop_if_signalled(run, state, stop, log, last_checkpoint,
                                                                 when=" while finishing"))
-    finally:  # both close twice harmlessly
-        feed.close()
-        progress.close()
+    finally:  # closing twice is harmless
+        if feed is not None:
+            feed.close()
+        if progress is not None:
+            progress.close()
         stop.uninstall()
 
 

@@ -45,3 +45,44 @@ class StopFlag:
         if accelerator.num_processes > 1:
             torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
         return bool(flag.item())
+
+
+class StoppedBeforeTraining(BaseException):
+    """A stop signal came before training began: nothing to checkpoint, the process exits at once.
+
+    A BaseException (like KeyboardInterrupt), because it is raised wherever the signal lands, and
+    library code that catches Exception while loading must not swallow it."""
+
+    exit_code = PREEMPTED_EXIT_CODE
+
+
+class StopAtOnceUntilTraining:
+    """While the run prepares (rendezvous, model load, tokenizing), a stop signal ends it at once.
+
+    Recording the signal until the first step could take minutes, and a scheduler kills what
+    outlives its grace period (torchrun after 30 s) with a SIGKILL that reads as a failure, so a
+    preempted job would not be requeued. Exiting 75 at once lets it be requeued; with nothing
+    trained there is nothing to save. The training loop disarms it when its own StopFlag takes over.
+    """
+
+    armed = False
+
+    def __enter__(self) -> "StopAtOnceUntilTraining":
+        self._previous = {sig: signal.signal(sig, self._stop) for sig in STOP_SIGNALS}
+        StopAtOnceUntilTraining.armed = True
+        return self
+
+    def __exit__(self, *_) -> None:
+        StopAtOnceUntilTraining.armed = False
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+    @staticmethod
+    def _stop(signum, _frame) -> None:
+        if StopAtOnceUntilTraining.armed:  # disarmed: training ended and the process is about to exit
+            StopAtOnceUntilTraining.armed = False
+            raise StoppedBeforeTraining(signal.Signals(signum).name)
+
+
+def training_started() -> None:
+    StopAtOnceUntilTraining.armed = False

@@ -234,6 +234,22 @@ def test_plan_errors_are_one_clear_line():
     assert done.returncode == 2 and "ZeRO-3" in done.stderr and "Traceback" not in done.stderr
     done = plan("recipe=lora", "--device-memory", "lots")
     assert done.returncode == 2 and "--device-memory" in done.stderr
+    done = plan("recipe=lora", "--advice")  # named as plan's own, not as `tunefleet submit`'s option
+    assert done.returncode == 2 and "tunefleet plan takes --device-memory" in done.stderr and "submit" not in done.stderr
+    done = plan("recipe=lora", "executor=local")
+    assert done.returncode == 2 and "executor=local is for tunefleet submit" in done.stderr
+    done = plan("--help")
+    assert done.returncode == 0 and done.stdout.startswith("usage: tunefleet plan")
+
+
+def test_a_reader_that_leaves_early_gets_no_traceback():
+    """`tunefleet keys | head -1`: the pipe closes while the command still writes."""
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(1); from launcher.cli import main; "
+                              "import sys; sys.exit(main(['keys']))"], cwd=ROOT, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True)
+    child.stdout.close()  # before the first line is written
+    err = child.stderr.read()
+    assert child.wait(timeout=60) == 141 and err == "", err
 
 
 def test_plan_for_a_cluster_previews_the_sbatch_file():

@@ -23,6 +23,11 @@ from launcher.planning.params import parameters, trainable
 from launcher.planning.shapes import read_shape
 
 GiB = 2**30
+PLAN_USAGE = """usage: tunefleet plan RECIPE-WORDS [cluster=NAME] [slurm.KEY=VALUE] [--device-memory SIZE] [--gpu] [--json]
+
+Prints the run's layout, batch and steps, and an estimate of each device's peak memory, without
+loading weights. --device-memory (e.g. 80GiB) checks the estimate against a budget and, when it
+does not fit, suggests changes that would; --gpu sizes for a GPU on a machine without one."""
 
 
 def parse_size(text: str) -> float:
@@ -225,6 +230,15 @@ def plan_command(argv: list[str]) -> int:
             words.append("--gpu")
         elif word == "--device-memory" or word.startswith("--device-memory="):
             device_memory = word.partition("=")[2] or next(it, "")
+        elif word in ("-h", "--help"):
+            print(PLAN_USAGE)
+            return 0
+        elif word.startswith("-"):
+            raise UserError(f"unknown option {word}; tunefleet plan takes --device-memory SIZE, --gpu, --json, "
+                            "cluster=NAME, slurm.* and recipe words")
+        elif word.partition("=")[0] in ("executor", "local.parallel", "sweep", "sweep.dir"):
+            raise UserError(f"{word} is for tunefleet submit; tunefleet plan sizes one run (recipe words, "
+                            "cluster=NAME and slurm.* say its layout)")
         else:
             words.append(word)
     force_gpu = "--gpu" in words

@@ -371,3 +371,22 @@ def test_a_mixture_never_puts_one_row_in_both_train_and_eval(tmp_path, tiny_llam
     assert not set(held_out) & set(train)
     assert len(set(train)) < len(train)  # the mixture does repeat b's rows
     assert len(held_out) == 40 + 2 and len(set(held_out)) == len(held_out)  # a fifth of each source, once
+
+
+def test_a_data_set_loaded_by_name_is_retokenized_when_datasets_sees_it_changed(tmp_path, tiny_llama, cache,
+                                                                                monkeypatch):
+    """A name that is no file of ours goes to `datasets.load_dataset`, as a hub data set does; its cache
+    entry follows the fingerprint datasets gives what it loaded (for the hub: the revision and files it
+    resolved), not the name alone, which would keep serving the tokens of an older version."""
+    monkeypatch.chdir(tmp_path)
+    folder = tmp_path / "definitions"
+    folder.mkdir()
+    write_jsonl(folder / "train.jsonl", [GOOD] * 10)
+    first = prepare(tmp_path, tiny_llama, "data.train=definitions", "data.eval=null")
+    again = prepare(tmp_path, tiny_llama, "data.train=definitions", "data.eval=null")
+    assert len(entries(cache)) == 1 and again.cache_key == first.cache_key
+    pinned_write(folder / "train.jsonl", [{**GOOD, "output": "b letter"}] * 10, SECOND)
+    second = prepare(tmp_path, tiny_llama, "data.train=definitions", "data.eval=null")
+    assert len(entries(cache)) == 2 and second.cache_key != first.cache_key
+    tokenizer = load_tokenizer(str(tiny_llama), recipe_for(tmp_path, tiny_llama))
+    assert "a letter" in trained_text(tokenizer, first)[0] and "b letter" in trained_text(tokenizer, second)[0]

@@ -3,7 +3,7 @@
 Tokenization runs on the first process of each machine before the process group exists; the
 others wait on a file lock (see launcher.cache), so preprocessing of any length can never trip
 a collective timeout. The cache (under `$TUNEFLEET_DATA_CACHE`) is keyed by the content of the
-data files, everything about the tokenizer that changes its tokens (its files, revision, chat
+data files (of a hub data set: the fingerprint `datasets` gives the version it loaded), everything about the tokenizer that changes its tokens (its files, revision, chat
 template and special tokens), the format settings and this module's FORMAT_VERSION: change any
 of them and the data is rebuilt. File sizes and mtimes are not enough: a same-size edit or a
 copy that keeps the mtime would reuse stale tokens.
@@ -48,11 +48,14 @@ class PreparedData:
     cache_key: str | None = None  # digest of everything the tokens depend on (a resume must see the same)
 
 
-def _file_identity(path: str) -> list:
-    """Content, not path/size/mtime: a same-size edit or an mtime-preserving copy must rebuild."""
+def _file_identity(path: str, rows) -> list:
+    """Content, not path/size/mtime: a same-size edit or an mtime-preserving copy must rebuild.
+
+    A hub data set has no file of ours to hash: `datasets` fingerprints what it loaded (the
+    revision and data files it resolved), so a data set updated upstream is tokenized again."""
     local = resolve_data_path(path)
     if local is None:
-        return [path]
+        return ["hub", path, getattr(rows, "_fingerprint", None)]
     return ["sha256", file_sha256(local)]
 
 
@@ -212,8 +215,9 @@ def prepare_data(recipe, tokenizer, *, quiet: bool = False) -> PreparedData:
 
     key = digest({
         "version": FORMAT_VERSION,
-        "sources": [[_file_identity(s.path), s.format, s.weight, s.split] for s in sources],
-        "eval": _file_identity(data_cfg.eval) if data_cfg.eval else None,
+        "sources": [[_file_identity(s.path, rows), s.format, s.weight, s.split]
+                    for s, (rows, _) in zip(sources, loaded)],
+        "eval": _file_identity(data_cfg.eval, eval_loaded[0]) if data_cfg.eval else None,
         "settings": data_cfg.model_dump(exclude={"train", "eval", "augment"}),  # augment acts on tokens later
         "labels": label_names,
         "tokenizer": _tokenizer_identity(tokenizer, recipe.model.revision),

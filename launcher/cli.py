@@ -224,7 +224,9 @@ def main(argv: list[str] | None = None) -> int:
     if command in ("run", "validate") and any(w in ("-h", "--help") for w in words):
         return cmd_keys([])
     try:
-        return COMMANDS[command](words)
+        code = COMMANDS[command](words)
+        sys.stdout.flush()  # here, not at exit, so that a closed pipe is caught below
+        return code
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         return err.exit_code

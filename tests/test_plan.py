@@ -2,6 +2,7 @@
 DeepSpeed's estimators, real state sizes after a step, and activations measured on CPU."""
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -242,11 +243,14 @@ def test_plan_errors_are_one_clear_line():
     assert done.returncode == 0 and done.stdout.startswith("usage: tunefleet plan")
 
 
-def test_a_reader_that_leaves_early_gets_no_traceback():
-    """`tunefleet keys | head -1`: the pipe closes while the command still writes."""
+@pytest.mark.parametrize("command", [["keys"], ["plan", "recipe=lora"]], ids=["long-output", "short-output"])
+def test_a_reader_that_leaves_early_gets_no_traceback(command):
+    """`tunefleet plan | head -1`: the pipe closes while the command still writes, or before its
+    buffered output is flushed at exit."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}  # buffered, as in a shell
     child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(1); from launcher.cli import main; "
-                              "import sys; sys.exit(main(['keys']))"], cwd=ROOT, stdout=subprocess.PIPE,
-                             stderr=subprocess.PIPE, text=True)
+                              f"import sys; sys.exit(main({command!r}))"], cwd=ROOT, env=env,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     child.stdout.close()  # before the first line is written
     err = child.stderr.read()
     assert child.wait(timeout=60) == 141 and err == "", err

@@ -343,15 +343,17 @@ def test_a_stop_signal_before_training_began_exits_75_at_once_and_records_no_fai
     assert [r["step"] for r in read_jsonl(tmp_path / "run" / "metrics.jsonl") if "loss" in r] == [1, 2, 3, 4, 5, 6]
 
 
-@pytest.mark.parametrize("early_stop", [False, True], ids=["last-step", "early-stop"])
-def test_a_stop_signal_while_finishing_checkpoints_and_the_resumed_run_only_finishes(early_stop, tiny_llama, tmp_path,
-                                                                                  monkeypatch):
+@pytest.mark.parametrize("early_stop,every", [(False, "null"), (True, "null"), (False, "2")],
+                         ids=["last-step", "early-stop", "last-step-checkpointed"])
+def test_a_stop_signal_while_finishing_checkpoints_and_the_resumed_run_only_finishes(early_stop, every, tiny_llama,
+                                                                                  tmp_path, monkeypatch):
     """Killed half-way through writing its artifacts, a run would be left 'running' with nothing to
     requeue; it stops between them instead, and its continuation trains no further step."""
     from launcher.train import finish, loop
     from launcher.train.preemption import Preempted
 
-    words = [*EXACT, "train.checkpoint_every=null"]  # the stop itself must write the one checkpoint
+    # every=null: the stop itself must write the one checkpoint; every=2: the last step's is reused.
+    words = [*EXACT, f"train.checkpoint_every={every}"]
     if early_stop:
         real_select = loop.evaluate_and_select
         monkeypatch.setattr(loop, "evaluate_and_select",
@@ -369,13 +371,17 @@ def test_a_stop_signal_while_finishing_checkpoints_and_the_resumed_run_only_fini
         return state
 
     monkeypatch.setattr(finish, "save_run_artifact", save_then_signal)
+    real_checkpoint, written = loop.save_checkpoint, []
+    monkeypatch.setattr(loop, "save_checkpoint",
+                        lambda run, step, *a, **k: written.append(step) or real_checkpoint(run, step, *a, **k))
     stopped_at = 3 if early_stop else 6
     with pytest.raises(Preempted):
         run_in_process("lora", tiny_llama, tmp_path / "run", *words)
     loop.reset_process_state()
     status = json.loads((tmp_path / "run" / "status.json").read_text())
     assert status["state"] == "interrupted" and status["step"] == stopped_at
-    assert [p.name for p in complete_checkpoints(tmp_path / "run")] == [f"step-{stopped_at:08d}"]
+    assert written == ([2, 4, 6] if every == "2" else [stopped_at])  # the last step's checkpoint written once
+    assert complete_checkpoints(tmp_path / "run")[-1].name == f"step-{stopped_at:08d}"
     assert not (tmp_path / "run" / "metrics.json").exists()
 
     _, result = run_in_process("lora", tiny_llama, tmp_path / "run", *words, "train.resume=auto")
@@ -389,6 +395,34 @@ def test_a_stop_signal_while_finishing_checkpoints_and_the_resumed_run_only_fini
     assert losses(tmp_path / "run") == pytest.approx(losses(tmp_path / "whole"), rel=1e-6)
     for key, tensor in adapter(tmp_path / "whole").items():
         torch.testing.assert_close(adapter(tmp_path / "run")[key], tensor, atol=1e-6, rtol=1e-5)
+    samples = read_jsonl(tmp_path / "run" / "samples.jsonl")  # the answers before training came with the checkpoint
+    assert samples and samples == read_jsonl(tmp_path / "whole" / "samples.jsonl") and "before_training" in samples[0]
+
+
+def test_a_stop_signal_during_the_opening_evaluation_stops_before_the_first_step(tiny_llama, tmp_path, monkeypatch):
+    """Recorded only, it would wait for the evaluation, a step and a checkpoint: past a launcher's grace period."""
+    from launcher.train import loop
+    from launcher.train.preemption import Preempted
+
+    real_eval, calls = loop.run_evaluation, []
+
+    def signalled_eval(run):
+        calls.append(1)
+        if len(calls) == 1:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real_eval(run)
+
+    monkeypatch.setattr(loop, "run_evaluation", signalled_eval)
+    with pytest.raises(Preempted):
+        run_in_process("lora", tiny_llama, tmp_path / "run", *EXACT)
+    loop.reset_process_state()
+    status = json.loads((tmp_path / "run" / "status.json").read_text())
+    assert status["state"] == "interrupted" and status["step"] == 0
+    assert not [r for r in read_jsonl(tmp_path / "run" / "metrics.jsonl") if "loss" in r]  # no step was taken
+    run_in_process("lora", tiny_llama, tmp_path / "run", *EXACT, "train.resume=auto")
+    loop.reset_process_state()
+    assert json.loads((tmp_path / "run" / "status.json").read_text())["state"] == "finished"
+    assert [r["step"] for r in read_jsonl(tmp_path / "run" / "metrics.jsonl") if "loss" in r] == [1, 2, 3, 4, 5, 6]
 
 
 @pytest.mark.slow

@@ -112,7 +112,7 @@ space:
     assert main(["search", path, f"model.name={tiny_llama}", f"search.dir={folder}"]) == 0
 
     # Kill the driver (SIGKILL: no clean-up) while trials run; the runs go on without it.
-    assert wait_for(lambda: any(r["state"] == "running" for r in _manifest(folder)["runs"]), 120)
+    assert wait_for(lambda: sum(r["state"] == "running" for r in _manifest(folder)["runs"]) == 2, 120)
     driver = _manifest(folder)["supervisor_pid"]
     os.kill(driver, signal.SIGKILL)
     assert wait_for(lambda: not alive(driver), 10)

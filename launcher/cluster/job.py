@@ -76,7 +76,7 @@ def cancelled(job_id) -> bool:
     from launcher.cluster.slurm_executor import job_details
 
     details = job_details(str(job_id))
-    return details.get("state", "running") not in ("running", "") and details.get("reason") != "TimeLimit"
+    return details.get("state") in ("completing", "cancelled") and details.get("reason") != "TimeLimit"
 
 
 def sweep_task_words(words: list[str], environ=os.environ) -> list[str]:

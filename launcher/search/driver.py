@@ -210,8 +210,9 @@ class Driver:
             return
         self.trials[trial.number] = trial
         record = {"name": name, "trial": trial.number, "run_dir": str(run_dir), "words": words, "overrides": overrides,
-                  "job_id": name, "reported_step": -1}
+                  "job_id": name, "reported_step": -1, "state": "starting"}
         self.manifest["runs"].append(record)
+        self.save()  # recorded before it starts: a driver dying in between must not leave it untracked
         try:
             self.launch(record)
         except UserError as err:  # e.g. sbatch refused the job: this trial fails, the search goes on
@@ -260,6 +261,15 @@ class Driver:
                 self.new_trial(Trial(self.study, frozen._trial_id))  # trial-N stays trial N, none lost
                 continue
             self.trials[frozen.number] = Trial(self.study, frozen._trial_id)
+            if record["state"] == "starting":  # the driver died while starting it
+                run_dir = Path(record["run_dir"])
+                if not any((run_dir / f).exists() for f in ("local.log", "submission.json")):
+                    self.launch(record)  # it never started
+                    continue
+                # It may be running, untracked: starting it again would put two runs in one folder.
+                record.update(state="failed", error="the search's driver died while starting this trial")
+                self.study.tell(frozen.number, state=TrialState.FAIL)
+                continue
             if record["state"] in ("running", "pruning") and not self.executor.ended(record):
                 continue
             if final_value(Path(record["run_dir"]), self.metric) is None:

@@ -16,8 +16,7 @@ if TYPE_CHECKING:
     from launcher.train.build import Run
 
 
-def finish_run(run: Run, state: dict, *, elapsed: float, samples_before: list[dict],
-               stop_point: Callable[[], None] = lambda: None) -> dict:
+def finish_run(run: Run, state: dict, *, elapsed: float, stop_point: Callable[[], None] = lambda: None) -> dict:
     """Write everything a finished run leaves behind; return (and on the main process write) metrics.json.
 
     `stop_point` is called (on every rank) between the parts: on a stop signal it raises Preempted
@@ -35,7 +34,7 @@ def finish_run(run: Run, state: dict, *, elapsed: float, samples_before: list[di
     if summary["eval_start"] and summary["eval_final"]:
         announce(f"eval_loss before -> after: {summary['eval_start']['eval_loss']:.4f} -> "
                  f"{summary['eval_final']['eval_loss']:.4f}", run.is_main)
-    samples = _write_samples(run, samples_before)
+    samples = _write_samples(run, state["samples_before"])
     write_rank_summary(run, state["step"], final_state)
     stop_point()
     if recipe.output.merge and run.is_main:

@@ -23,7 +23,7 @@ from launcher.outputs.progress import progress_bar
 from launcher.outputs.status import write_status
 from launcher.outputs.trackers import close_trackers_as_failed, start_trackers
 from launcher.train.build import Run, RunAlreadyFinished, announce
-from launcher.train.checkpoint import save_checkpoint
+from launcher.train.checkpoint import checkpoint_root, save_checkpoint
 from launcher.train.finish import finish_run, format_metrics
 from launcher.train.preemption import (PREEMPTED_EXIT_CODE, Preempted, StopFlag, StoppedBeforeTraining,
                                        training_started)
@@ -36,7 +36,7 @@ from launcher.train.throughput import FlopsModel, model_flops_utilisation
 def fresh_state() -> dict:
     """What the loop carries from step to step (and a checkpoint stores)."""
     return {"step": 0, "train_loss": float("nan"), "best_value": None, "best_step": None, "evals_without_gain": 0,
-            "stopped_early": False,
+            "stopped_early": False, "samples_before": [],  # answers before training, kept for a resumed run
             "eval_start": None, "eval_final": None, "tokens_done": 0, "elapsed": 0.0,
             # Throughput over training steps only (evaluation excluded), data waits included.
             "slots_done": 0, "flops_done": 0.0, "train_seconds": 0.0}
@@ -164,10 +164,16 @@ def _train_steps(run: Run) -> dict:
             state["eval_start"] = run_evaluation(run)
             log.log(0, state["eval_start"])
             announce(f"eval before training: {format_metrics(state['eval_start'])}", run.is_main)
-        samples_before = generate_samples(run) if recipe.eval.at_start and fresh_start else []
+        if recipe.eval.at_start and fresh_start:
+            state["samples_before"] = generate_samples(run)
+        # This run's checkpoint of state["step"], if any (a step is checkpointed once). One resumed
+        # from another run's folder has none of its own yet.
+        resumed_here = run.resume_from is not None and Path(run.resume_from).parent == checkpoint_root(run.run_dir)
+        last_checkpoint = run.resume_from if resumed_here else None
+        # A stop during a long opening evaluation is honoured now, not after the first step.
+        _stop_if_signalled(run, state, stop, log, last_checkpoint, when=" before the first step")
 
         started = time.perf_counter() - state["elapsed"]
-        last_checkpoint = run.resume_from  # of state["step"]: a step is checkpointed once
         progress = progress_bar(total=run.total_steps, desc="training", enabled=run.is_main, initial=state["step"])
         run.model.train()
         flops = FlopsModel.of(run.model)
@@ -204,7 +210,7 @@ def _train_steps(run: Run) -> dict:
         feed.close()  # shuts the loader's worker processes down before the finishing work
         progress.close()
         log.close()
-        return finish_run(run, state, elapsed=time.perf_counter() - started, samples_before=samples_before,
+        return finish_run(run, state, elapsed=time.perf_counter() - started,
                           stop_point=lambda: _stop_if_signalled(run, state, stop, log, last_checkpoint,
                                                                 when=" while finishing"))
     finally:  # closing twice is harmless

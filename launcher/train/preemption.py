@@ -68,8 +68,8 @@ class StopAtOnceUntilTraining:
     armed = False
 
     def __enter__(self) -> "StopAtOnceUntilTraining":
+        StopAtOnceUntilTraining.armed = True  # before the handlers: a signal in between must not be lost
         self._previous = {sig: signal.signal(sig, self._stop) for sig in STOP_SIGNALS}
-        StopAtOnceUntilTraining.armed = True
         return self
 
     def __exit__(self, *_) -> None:
@@ -79,7 +79,10 @@ class StopAtOnceUntilTraining:
 
     @staticmethod
     def _stop(signum, _frame) -> None:
-        if StopAtOnceUntilTraining.armed:  # disarmed: training ended and the process is about to exit
+        # Disarmed: the training loop took over; once it has finished (run written, status final) a
+        # stop signal is ignored while the process tears down and exits, and should teardown hang,
+        # the launcher's SIGKILL after its grace period still ends it.
+        if StopAtOnceUntilTraining.armed:
             StopAtOnceUntilTraining.armed = False
             raise StoppedBeforeTraining(signal.Signals(signum).name)
 

@@ -3,9 +3,10 @@
 Tokenization runs on the first process of each machine before the process group exists; the
 others wait on a file lock (see launcher.cache), so preprocessing of any length can never trip
 a collective timeout. The cache (under `$TUNEFLEET_DATA_CACHE`) is keyed by the content of the
-data files (of a hub data set: the fingerprint `datasets` gives the version it loaded), everything about the tokenizer that changes its tokens (its files, revision, chat
-template and special tokens), the format settings and this module's FORMAT_VERSION: change any
-of them and the data is rebuilt. File sizes and mtimes are not enough: a same-size edit or a
+data files (of a hub data set: the fingerprint `datasets` gives the version it loaded),
+everything about the tokenizer that changes its tokens (its files, revision, chat template and
+special tokens), the format settings and this module's FORMAT_VERSION: change any of them and
+the data is rebuilt. File sizes and mtimes are not enough: a same-size edit or a
 copy that keeps the mtime would reuse stale tokens.
 
 With eval_fraction, rows are held out from each source before sources are mixed: mixing repeats

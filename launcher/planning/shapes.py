@@ -3,8 +3,9 @@
 Sources, as `model.name` allows them: a local folder's config.json; a .gguf file's metadata
 (its header alone, by `read_gguf_header`); a zipped model folder inside a package (config.json
 read from the archive); a finished tunefleet run folder (its artifact's config, or its base
-model's); a hub id whose config is in the local Hugging Face cache. Two families are described: llama-like decoders (llama, mistral,
-qwen2/3, smollm: gated MLP, grouped-query attention) and BERT-like encoders.
+model's); a hub id whose config is in the local Hugging Face cache. Two families are described:
+llama-like decoders (llama, mistral, qwen2/3, smollm: gated MLP, grouped-query attention) and
+BERT-like encoders.
 """
 
 from __future__ import annotations

@@ -79,14 +79,13 @@ def _checkpoint(run: Run, state: dict) -> Path:
     return path
 
 
-def _checkpoint_and_maybe_stop(run: Run, state: dict, stop: StopFlag, log: MetricsLog,
-                               stopped_early: bool) -> Path | None:
+def _checkpoint_and_maybe_stop(run: Run, state: dict, stop: StopFlag, log: MetricsLog) -> Path | None:
     """Checkpoint when due; on a stop signal (any rank), make sure one exists and raise Preempted.
 
     Returns the checkpoint written for this step, if any."""
     step, every = state["step"], run.recipe.train.checkpoint_every
     written = None
-    if every and (step % every == 0 or step == run.total_steps or stopped_early):
+    if every and (step % every == 0 or step == run.total_steps or state["stopped_early"]):
         written = _checkpoint(run, state)
     _stop_if_signalled(run, state, stop, log, written)
     return written
@@ -204,7 +203,7 @@ def _train_steps(run: Run) -> dict:
             if row:
                 log.log(step, row)
             state["elapsed"] = time.perf_counter() - started
-            last_checkpoint = _checkpoint_and_maybe_stop(run, state, stop, log, state["stopped_early"])
+            last_checkpoint = _checkpoint_and_maybe_stop(run, state, stop, log)
             if state["stopped_early"]:
                 break
         feed.close()  # shuts the loader's worker processes down before the finishing work

@@ -32,6 +32,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from launcher.cluster.job_settings import JobSettings, load_job_settings
 from launcher.cluster.slurm_env import SlurmJob
 from launcher.errors import UserError
 from launcher.train.preemption import PREEMPTED_EXIT_CODE
@@ -39,8 +40,9 @@ from launcher.train.preemption import PREEMPTED_EXIT_CODE
 RELAYED = (signal.SIGUSR1, signal.SIGTERM)
 
 
-def step_command(words: list[str], job: SlurmJob) -> list[str]:
+def step_command(words: list[str], job: SlurmJob, settings: JobSettings = JobSettings()) -> list[str]:
     return ["srun", "--kill-on-bad-exit=1", f"--nodes={job.num_nodes}", "--ntasks-per-node=1",
+            *settings.srun_options(), *settings.command_prefix(),
             sys.executable, "-m", "launcher.cluster.node", *words]
 
 
@@ -119,6 +121,7 @@ def main(argv: list[str] | None = None) -> int:
     words = list(sys.argv[1:] if argv is None else argv)
     try:
         job = SlurmJob.from_environ()
+        settings = load_job_settings()
         words, run_dir = fixed_run_folder(sweep_task_words(words), job)
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
@@ -126,7 +129,7 @@ def main(argv: list[str] | None = None) -> int:
     max_restarts = int(os.environ.get("TUNEFLEET_MAX_RESTARTS", "3"))
     print(f"[tunefleet] job {job.job_id} on {job.num_nodes} node(s) {','.join(job.hosts)}, "
           f"restart {job.restart_count} of at most {max_restarts}", flush=True)
-    step = subprocess.Popen(step_command(words, job))
+    step = subprocess.Popen(step_command(words, job, settings), env={**os.environ, **settings.env})
 
     def relay(signum, _frame) -> None:
         print(f"[tunefleet] {signal.Signals(signum).name}: asking every rank to finish its step, write a checkpoint "

@@ -6,6 +6,7 @@
     tunefleet status SWEEP_OR_RUN [--watch [SECONDS]]
     tunefleet cancel SWEEP_OR_RUN
     tunefleet collect SWEEP
+    tunefleet logs RUN | SWEEP | SWEEP/RUN [-f]                      (Slurm or local log, across requeues)
     tunefleet search SEARCH.yaml [recipe words] [search.dir=DIR]   (Optuna; each trial a run)
     tunefleet validate recipe=qlora
     tunefleet plan recipe=lora_zero3 distributed.num_processes=8 --device-memory 80GiB [--json]
@@ -202,13 +203,19 @@ def cmd_collect(words: list[str]) -> int:
     return collect(words)
 
 
+def cmd_logs(words: list[str]) -> int:
+    from launcher.cluster.logs import cmd_logs as logs
+
+    return logs(words)
+
+
 def cmd_search(words: list[str]) -> int:
     from launcher.search.driver import cmd_search as search
 
     return search(words)
 
 
-COMMANDS = {"search": cmd_search, "run": cmd_run, "submit": cmd_submit, "status": cmd_status, "cancel": cmd_cancel, "collect": cmd_collect, "validate": cmd_validate, "plan": cmd_plan, "recipes": cmd_recipes, "keys": cmd_keys, "merge": cmd_merge}
+COMMANDS = {"search": cmd_search, "run": cmd_run, "submit": cmd_submit, "status": cmd_status, "cancel": cmd_cancel, "collect": cmd_collect, "logs": cmd_logs, "validate": cmd_validate, "plan": cmd_plan, "recipes": cmd_recipes, "keys": cmd_keys, "merge": cmd_merge}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -13,22 +13,27 @@ import json
 from pathlib import Path
 
 from launcher.cluster.executor import executor_for
-from launcher.cluster.status import _metrics_rows, gather
+from launcher.cluster.status import RunRow, _metrics_rows, gather
 from launcher.errors import UserError
 from launcher.train.evaluate import HIGHER_IS_BETTER
 
 TAIL_LINES = 20
-NOT_FAILED = ("finished", "pending", "running", "pruned")  # pruned: a search stopped it on purpose
+NOT_FAILED = ("finished", "pruned")  # pruned: a search stopped it on purpose
 
 
-def _result(row: dict) -> dict:
-    record = row["record"]
+def failed(row: RunRow) -> bool:
+    """Ended without finishing; a run still pending, running or completing has not failed (yet)."""
+    return row.run.ended and row.state.split()[0] not in NOT_FAILED
+
+
+def _result(row: RunRow) -> dict:
+    record = row.record
     run_dir = Path(record["run_dir"])
     summary = json.loads((run_dir / "metrics.json").read_text()) if (run_dir / "metrics.json").is_file() else {}
     best = summary.get("best") or {}
     final = summary.get("eval_final") or {}
     artifact = run_dir / "best" if (run_dir / "best").is_dir() else run_dir / "final"
-    return {"run": record["name"], **{k: v for k, v in record.get("overrides", {}).items()}, "state": row["state"],
+    return {"run": record["name"], **{k: v for k, v in record.get("overrides", {}).items()}, "state": row.state,
             "steps": summary.get("steps"), "train_loss": summary.get("train_loss"),
             "metric": best.get("metric") or next(iter(final), None), "value": best.get("value", final.get("eval_loss")),
             "best_step": best.get("step"), "runtime_s": summary.get("runtime_s"),
@@ -55,7 +60,7 @@ def _write_tables(sweep_dir: Path, results: list[dict]) -> None:
     (sweep_dir / "results.md").write_text("\n".join(lines) + "\n")
 
 
-def _plot(sweep_dir: Path, rows: list[dict]) -> None:
+def _plot(sweep_dir: Path, rows: list[RunRow]) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -63,8 +68,8 @@ def _plot(sweep_dir: Path, rows: list[dict]) -> None:
 
     fig, (train_ax, eval_ax) = plt.subplots(1, 2, figsize=(12, 4.5))
     for row in rows:
-        metrics = _metrics_rows(Path(row["record"]["run_dir"]))
-        name = row["record"]["name"]
+        metrics = _metrics_rows(Path(row.record["run_dir"]))
+        name = row.record["name"]
         train = [(r["step"], r["loss"]) for r in metrics if "loss" in r]
         evals = [(r["step"], r["eval_loss"]) for r in metrics if "eval_loss" in r]
         if train:
@@ -82,14 +87,12 @@ def _plot(sweep_dir: Path, rows: list[dict]) -> None:
     plt.close(fig)
 
 
-def _failures(rows: list[dict], executor) -> list[str]:
+def _failures(rows: list[RunRow], executor) -> list[str]:
     lines = []
-    for row in rows:
-        if row["state"].split()[0] in NOT_FAILED:
-            continue
-        logs = executor.log_files(Path(row["record"]["run_dir"]))
+    for row in filter(failed, rows):
+        logs = executor.log_files(Path(row.record["run_dir"]))
         tail = logs[-1].read_text(errors="replace").splitlines()[-TAIL_LINES:] if logs else ["(no log)"]
-        lines += [f"## {row['record']['name']}: {row['state']}", "", "```", *tail, "```", ""]
+        lines += [f"## {row.record['name']}: {row.state}", "", "```", *tail, "```", ""]
     return lines
 
 
@@ -107,7 +110,8 @@ def _tensorboard(sweep_dir: Path, results: list[dict]) -> None:
 
 
 def collect(sweep_dir: Path) -> dict:
-    manifest, rows = gather(sweep_dir)
+    sweep = gather(sweep_dir)
+    manifest, rows = sweep.manifest, sweep.rows
     if not manifest.get("sweep_dir"):
         raise UserError(f"{sweep_dir} is a single run, not a sweep: its results are in {sweep_dir}/metrics.json")
     sweep_dir = Path(manifest["sweep_dir"])
@@ -123,7 +127,8 @@ def collect(sweep_dir: Path) -> dict:
         write_search_report(sweep_dir, manifest)
     finished = [r for r in results if r["state"] == "finished" and r["value"] is not None]
     return {"results": results, "best": finished[0] if finished else None,
-            "failed": [r["run"] for r in results if r["state"].split()[0] not in NOT_FAILED]}
+            "failed": [row.record["name"] for row in rows if failed(row)],
+            "going": [row.record["name"] for row in rows if not row.run.ended]}
 
 
 def cmd_collect(words: list[str]) -> int:
@@ -135,6 +140,9 @@ def cmd_collect(words: list[str]) -> int:
     best = summary["best"]
     if best:
         print(f"[tunefleet] best run: {best['run']} ({best['metric']}={best['value']:.4f}); artifact {best['artifact']}")
+    if summary["going"]:
+        print(f"[tunefleet] {len(summary['going'])} run(s) still going (collected as they are now): "
+              f"{', '.join(summary['going'])}")
     if summary["failed"]:
         print(f"[tunefleet] {len(summary['failed'])} run(s) did not finish: {', '.join(summary['failed'])} "
               f"(see {sweep_dir / 'failures.md'})")

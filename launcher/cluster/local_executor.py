@@ -14,11 +14,13 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+from launcher.cluster.executor import JobView
 from launcher.cluster.sweep import read_manifest, write_manifest
 from launcher.distributed.lifetime import alive
 
@@ -36,17 +38,18 @@ def running(pid: int | None) -> bool:
     return bool(pid) and alive(pid)
 
 
-def queue_states(manifest: dict) -> dict[str, dict]:
-    """What the supervisor reports, in the form slurm_executor.queue_states gives."""
+def jobs(manifest: dict) -> dict[str, JobView]:
+    """The runs the supervisor has running or queued, in the form slurm_executor.jobs gives; a run
+    it no longer lists has ended (the manifest and the run's status.json say how)."""
     supervisor = running(manifest.get("supervisor_pid"))
-    states = {}
+    views = {}
     for record in manifest["runs"]:
         job = record.get("job_id")
         if record.get("state") == "running" and running(record.get("pid")):
-            states[job] = {"state": "running", "reason": ""}
+            views[job] = JobView(state="running", nodes=socket.gethostname())
         elif record.get("state") == "queued" and supervisor:
-            states[job] = {"state": "pending", "reason": "waiting for a free slot"}
-    return states
+            views[job] = JobView(state="pending", reason="waiting for a free slot")
+    return views
 
 
 def supervise(sweep_dir: Path, parallel: int) -> int:
@@ -73,7 +76,8 @@ def supervise(sweep_dir: Path, parallel: int) -> int:
             record = queue.pop(0)
             log = open(Path(record["run_dir"]) / "local.log", "a")
             child = subprocess.Popen([sys.executable, "-m", "launcher.cli", "run", *record["words"]],
-                                     stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+                                     stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                     env=share_of_cpus(parallel))
             record.update(state="running", pid=child.pid, started=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
             running[child.pid] = (record, child)
             write_manifest(sweep_dir, manifest)
@@ -103,13 +107,17 @@ def cancel(manifest: dict, job_ids: list[str]) -> bool:
     return True
 
 
-def job_details(job_id: str) -> dict:
-    return {}  # the supervisor records everything in the manifest
-
-
 def log_files(run_dir: Path) -> list[Path]:
     return [p for p in [Path(run_dir) / "local.log"] if p.is_file()]
 
 
 if __name__ == "__main__":
     sys.exit(supervise(Path(sys.argv[1]), int(sys.argv[2])))
+
+
+def share_of_cpus(parallel: int, environ=os.environ) -> dict[str, str]:
+    """A run's environment with its share of this machine's cores (launcher.distributed.cpus): runs
+    training side by side each size their threads to it instead of each taking every core."""
+    from launcher.distributed.cpus import CPU_BUDGET_ENV, cpu_budget
+
+    return {**environ, CPU_BUDGET_ENV: str(max(1, cpu_budget(environ) // parallel))}

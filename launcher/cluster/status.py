@@ -3,9 +3,11 @@
     tunefleet status runs/sweep-20261123-101500 [--watch [SECONDS]]
     tunefleet cancel runs/sweep-20261123-101500
 
-A run's state combines the scheduler's view (pending with its reason, running) with the run's own
-RUN/status.json (finished, failed, interrupted) and RUN/metrics.jsonl (step, latest loss, best
-eval metric). Needs no Slurm accounting.
+A run's state combines the scheduler's view (pending with its reason, running on its nodes, how it
+ended) with the run's own RUN/status.json (finished, failed, interrupted) and RUN/metrics.jsonl
+(step, latest loss, best eval metric); under each run still going, the last line of its log. One
+scheduler query per sweep per poll, however many runs (launcher.cluster.executor). `--watch` ends
+when every run has ended, however it ended. Needs no Slurm accounting.
 """
 
 from __future__ import annotations
@@ -13,18 +15,17 @@ from __future__ import annotations
 import json
 import os
 import signal
+import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
-from launcher.cluster.executor import executor_for
+from launcher.cluster.executor import JobView, SchedulerDidNotAnswer, executor_for
 from launcher.cluster.sweep import read_manifest, write_manifest
-from launcher.distributed.lifetime import alive
 from launcher.errors import UserError
 from launcher.outputs.status import read_status
 
-COLUMNS = ("run", "overrides", "job", "state", "restarts", "step", "loss", "best eval", "elapsed")
-ENDED_BY_SCHEDULER = {"cancelled", "failed", "timeout", "node_fail", "out_of_memory", "boot_fail", "deadline",
-                      "preempted"}
+COLUMNS = ("run", "overrides", "job", "state", "nodes", "restarts", "step", "loss", "best eval", "elapsed")
 
 
 def _metrics_rows(run_dir: Path) -> list[dict]:
@@ -65,70 +66,128 @@ def run_progress(run_dir: Path) -> dict:
     return progress
 
 
-def run_state(record: dict, queued: dict[str, dict], executor) -> tuple[str, int]:
-    """(state, restarts) of one manifest record."""
-    job = record.get("job_id")
-    details = {}
-    if job and job in queued:
-        entry = queued[job]
-        state = entry["state"] + (f" ({entry['reason']})" if entry["state"] == "pending" and entry["reason"] else "")
-        details = {} if entry["state"] == "pending" else executor.job_details(job)
-        return state, details.get("restarts", record.get("restarts", 0))
+@dataclass(frozen=True)
+class RunState:
+    """One run as status shows it."""
+
+    text: str  # pending (Priority), running, timeout (exit 0:0), pruned (step 4), ...
+    ended: bool  # nothing more will happen to it unless someone continues it
+    restarts: int = 0
+    nodes: str = ""  # the nodes it holds while it runs
+
+
+@dataclass
+class RunRow:
+    record: dict  # its manifest entry
+    run: RunState
+    progress: dict  # run_progress
+    last_log_line: str
+
+    @property
+    def state(self) -> str:
+        return self.run.text
+
+
+@dataclass
+class SweepView:
+    manifest: dict
+    rows: list[RunRow]
+    scheduler_silence: str | None  # why the scheduler did not answer; None when it did
+
+
+def _exit(view: JobView) -> str:
+    return f" (exit {view.exit_code})" if view.exit_code not in ("", "0", "0:0") else ""
+
+
+def run_state(record: dict, jobs: dict[str, JobView] | None) -> RunState:
+    """State of one manifest record from the scheduler's view (`jobs`: None when it did not answer)
+    and the run's own status.json."""
+    view = jobs.get(str(record.get("job_id"))) if jobs is not None else None
+    restarts = view.restarts if view else record.get("restarts", 0)
+    if view and view.live:
+        reason = f" ({view.reason})" if view.state == "pending" and view.reason else ""
+        return RunState(view.state + reason, False, restarts, "" if view.state == "pending" else view.nodes)
+    left = jobs is not None  # the scheduler answered and does not list the job as live
     own = read_status(Path(record["run_dir"])).get("state")
     if record.get("state") in ("pruned", "pruning"):  # a search stopped it (launcher.search.driver)
-        return f"pruned (step {record.get('pruned_at', '?')})", record.get("restarts", 0)
+        return RunState(f"pruned (step {record.get('pruned_at', '?')})", left or record["state"] == "pruned", restarts)
     if record.get("state") == "cancelled" and own != "finished":
-        return "cancelled", record.get("restarts", 0)
-    if job:
-        details = executor.job_details(job)
-    if not details and record.get("state") == "failed":
-        details = {"state": "failed", "exit_code": str(record.get("exit_code", ""))}
-    restarts = details.get("restarts", record.get("restarts", 0))
-    scheduler_state = details.get("state", "")
+        return RunState("cancelled", left, restarts)
     if own in ("finished", "failed"):
-        return own, restarts
-    if scheduler_state in ENDED_BY_SCHEDULER:
-        return scheduler_state + (f" (exit {details['exit_code']})" if details.get("exit_code") else ""), restarts
-    if own:
-        return own, restarts
-    return scheduler_state or record.get("state", "unknown"), restarts
+        return RunState(own, True, restarts)
+    if view and view.state != "completed":  # timeout, node_fail, out_of_memory, preempted, cancelled, ...
+        return RunState(view.state + _exit(view), True, restarts)
+    if not view and record.get("state") == "failed":
+        exit_code = record.get("exit_code")
+        return RunState("failed" + (f" (exit {exit_code})" if exit_code not in (None, "") else ""), True, restarts)
+    return RunState(own or (view.state if view else record.get("state", "unknown")), left, restarts)
 
 
-def gather(path: Path) -> tuple[dict, list[dict]]:
+def last_log_line(log: Path | None, width: int = 160) -> str:
+    """The log's last non-empty line as a terminal last showed it (after the last carriage return)."""
+    if log is None or not log.is_file():
+        return ""
+    with log.open("rb") as f:
+        f.seek(max(0, log.stat().st_size - 8192))
+        tail = f.read().decode(errors="replace")
+    lines = [line.rsplit("\r", 1)[-1].strip() for line in tail.splitlines()]
+    line = next((line for line in reversed(lines) if line), "")
+    return line if len(line) <= width else line[:width - 3] + "..."
+
+
+def gather(path: Path) -> SweepView:
+    """Every run of a sweep (or the one run), with one scheduler query for them all."""
     manifest = read_manifest(path)
     executor = executor_for(manifest)
-    queued = executor.queue_states(manifest)
+    try:
+        jobs, silence = executor.jobs(manifest), None
+    except SchedulerDidNotAnswer as err:
+        jobs, silence = None, str(err)
     rows = []
     for record in manifest["runs"]:
-        state, restarts = run_state(record, queued, executor)
-        progress = run_progress(Path(record["run_dir"]))
-        rows.append({"record": record, "state": state, "restarts": restarts, **progress})
-    return manifest, rows
+        run_dir = Path(record["run_dir"])
+        logs = executor.log_files(run_dir)
+        rows.append(RunRow(record, run_state(record, jobs), run_progress(run_dir),
+                           last_log_line(logs[-1] if logs else None)))
+    return SweepView(manifest, rows, silence)
 
 
-def _cell(row: dict, column: str) -> str:
-    record = row["record"]
+def _cell(row: RunRow, column: str) -> str:
+    record, progress = row.record, row.progress
     if column == "run":
         return record["name"]
     if column == "overrides":
         return " ".join(f"{k}={v}" for k, v in record.get("overrides", {}).items()) or "-"
     if column == "job":
         return str(record.get("job_id") or "-")
+    if column == "state":
+        return row.run.text
+    if column == "nodes":
+        return row.run.nodes or "-"
+    if column == "restarts":
+        return str(row.run.restarts)
     if column == "step":
-        return "-" if row["step"] is None else f"{row['step']}/{row['total'] or '?'}"
+        return "-" if progress["step"] is None else f"{progress['step']}/{progress['total'] or '?'}"
     if column == "loss":
-        return "-" if row["loss"] is None else f"{row['loss']:.4f}"
+        return "-" if progress["loss"] is None else f"{progress['loss']:.4f}"
     if column == "best eval":
-        return row["best"] or "-"
+        return progress["best"] or "-"
     if column == "elapsed":
-        return "-" if row["elapsed"] is None else time.strftime("%H:%M:%S", time.gmtime(row["elapsed"]))
-    return str(row[column])
+        return "-" if progress["elapsed"] is None else time.strftime("%H:%M:%S", time.gmtime(progress["elapsed"]))
+    raise KeyError(column)
 
 
-def format_table(rows: list[dict]) -> str:
+def format_table(rows: list[RunRow]) -> str:
+    """One line per run; under a run that has not ended, the last line of its log (what it does now).
+    Ended runs get none, so a finished table is one line per run (`tunefleet logs` shows the rest)."""
     cells = [list(COLUMNS)] + [[_cell(row, c) for c in COLUMNS] for row in rows]
     widths = [max(len(line[i]) for line in cells) for i in range(len(COLUMNS))]
-    return "\n".join("  ".join(v.ljust(w) for v, w in zip(line, widths)).rstrip() for line in cells)
+    lines = ["  ".join(v.ljust(w) for v, w in zip(cells[0], widths)).rstrip()]
+    for row, line in zip(rows, cells[1:]):
+        lines.append("  ".join(v.ljust(w) for v, w in zip(line, widths)).rstrip())
+        if not row.run.ended and row.last_log_line:
+            lines.append(f"    > {row.last_log_line}")
+    return "\n".join(lines)
 
 
 def _target(words: list[str]) -> Path:
@@ -143,31 +202,43 @@ def cmd_status(words: list[str]) -> int:
     watch = "--watch" in words
     interval = next((float(w) for w in words if w.replace(".", "").isdigit()), 10.0)
     while True:
-        _, rows = gather(target)
+        sweep = gather(target)
         if watch:
             print("\033[2J\033[H", end="")
-        print(format_table(rows), flush=True)
-        if not watch or all(r["state"].split()[0] in ("finished", "failed", "cancelled") for r in rows):
+        print(format_table(sweep.rows), flush=True)
+        if sweep.scheduler_silence:
+            print(f"[tunefleet] the scheduler did not answer ({sweep.scheduler_silence}); states come from the "
+                  "runs' own files", file=sys.stderr, flush=True)
+        stopped = sweep.manifest.get("search", {}).get("stopped")
+        if stopped:
+            print(f"[tunefleet] the search's driver stopped: {stopped}")
+        if not watch or all(row.run.ended for row in sweep.rows):
             return 0
         time.sleep(interval)
 
 
 def cmd_cancel(words: list[str]) -> int:
+    from launcher.search.presence import driver_seen, request_stop
+
     target = _target(words)
-    manifest, rows = gather(target)
-    driver = manifest.get("supervisor_pid")
-    if "search" in manifest and driver and alive(driver):
-        os.kill(driver, signal.SIGTERM)  # the search's driver stops its trials itself (launcher.search.driver)
-        print(f"[tunefleet] stopping the search: its driver stops the trials in flight (they checkpoint); "
-              f"continue it with tunefleet search {target}")
+    sweep = gather(target)
+    manifest, rows = sweep.manifest, sweep.rows
+    driver = driver_seen(target, manifest) if "search" in manifest else None
+    if driver and driver.running:
+        # The search's driver stops its trials itself (launcher.search.driver): by a signal on its own
+        # host, by the stop request it reads every poll on another.
+        request_stop(target)
+        if driver.here:
+            os.kill(driver.pid, signal.SIGTERM)
+        print(f"[tunefleet] stopping the search (driver {driver.describe()}): it stops the trials in flight (they "
+              f"checkpoint); continue it with tunefleet search {target}")
         return 0
-    live = [r for r in rows if r["state"].split()[0] in ("pending", "running", "requeued", "configuring",
-                                                          "completing", "suspended")]
-    if not executor_for(manifest).cancel(manifest, [r["record"]["job_id"] for r in live]):
+    live = [row for row in rows if not row.run.ended and row.record.get("job_id")]
+    if not executor_for(manifest).cancel(manifest, [row.record["job_id"] for row in live]):
         print(f"[tunefleet] cancelling {len(live)} of {len(rows)} run(s); they checkpoint and stop")
         return 0
     for row in live:
-        row["record"]["state"] = "cancelled"
+        row.record["state"] = "cancelled"
     if manifest.get("sweep_dir"):
         write_manifest(Path(manifest["sweep_dir"]), manifest)
     else:
@@ -177,5 +248,5 @@ def cmd_cancel(words: list[str]) -> int:
             record["state"] = "cancelled"
             (run_dir / "submission.json").write_text(json.dumps(record, indent=1) + "\n")
     print(f"[tunefleet] cancelled {len(live)} of {len(rows)} run(s)"
-          + (": " + ", ".join(r["record"]["name"] for r in live) if live else " (nothing was queued or running)"))
+          + (": " + ", ".join(row.record["name"] for row in live) if live else " (nothing was queued or running)"))
     return 0

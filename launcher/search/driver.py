@@ -22,19 +22,33 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+from launcher.cluster.executor import SchedulerDidNotAnswer
 from launcher.cluster.sweep import _word_value, new_manifest, read_manifest, write_manifest
-from launcher.distributed.lifetime import alive
 from launcher.errors import UserError
+from launcher.search.presence import beat, clear_stop_request, driver_seen, stop_requested
 from launcher.search.space import SearchSpec, check_spec, load_search_file
+from launcher.search.trials import EXECUTORS
 
 JOURNAL = "study.journal"
 SPEC_COPY = "search.yaml"
 POLL_S = 1.0
+REFUSALS_TO_HALT = 3  # submissions refused in a row: the cause is not passing (a bad account, a full queue)
+REFUSAL_RETRY_S = 10.0  # a refused trial is submitted again after this pause
+
+
+def sampler_seed(seed: int, trials_so_far: int) -> int:
+    """A continued search builds its sampler anew: seeded as the first driver's was, it would suggest
+    what the first trials got all over again. Mixing in how many trials the study holds draws new
+    values and stays reproducible; a new search uses the file's seed as it is."""
+    import numpy as np
+
+    return seed if trials_so_far == 0 else int(np.random.SeedSequence([seed, trials_so_far]).generate_state(1)[0])
 
 
 def open_study(sweep_dir: Path, spec: SearchSpec, direction: str):
@@ -43,12 +57,17 @@ def open_study(sweep_dir: Path, spec: SearchSpec, direction: str):
     from optuna.storages.journal import JournalFileBackend
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    sampler = (optuna.samplers.TPESampler(seed=spec.seed, constant_liar=True)  # constant liar: trials in flight
-               if spec.sampler == "tpe" else optuna.samplers.RandomSampler(seed=spec.seed))
+    storage = JournalStorage(JournalFileBackend(str(Path(sweep_dir) / JOURNAL)))
+    try:
+        so_far = len(storage.get_all_trials(storage.get_study_id_from_name("search"), deepcopy=False))
+    except KeyError:  # a new study
+        so_far = 0
+    seed = sampler_seed(spec.seed, so_far)
+    sampler = (optuna.samplers.TPESampler(seed=seed, constant_liar=True)  # constant liar: trials in flight
+               if spec.sampler == "tpe" else optuna.samplers.RandomSampler(seed=seed))
     pruner = {"median": lambda: optuna.pruners.MedianPruner(n_startup_trials=2),
               "successive_halving": optuna.pruners.SuccessiveHalvingPruner,
               "none": optuna.pruners.NopPruner}[spec.pruner]()
-    storage = JournalStorage(JournalFileBackend(str(Path(sweep_dir) / JOURNAL)))
     study = optuna.create_study(study_name="search", storage=storage, sampler=sampler, pruner=pruner,
                                 direction=direction, load_if_exists=True)
     if not study.trials:  # a new study: the trials the file asks for first
@@ -79,77 +98,6 @@ def final_value(run_dir: Path, metric: str) -> float | None:
     return (summary.get("eval_final") or {}).get(metric)
 
 
-class LocalTrials:
-    """Trials as `tunefleet run` processes of the driver (it reads their exit codes)."""
-
-    def __init__(self, _words: list[str]):
-        self.children: dict[int, subprocess.Popen] = {}
-
-    def start(self, record: dict) -> None:
-        log = open(Path(record["run_dir"]) / "local.log", "a")
-        child = subprocess.Popen([sys.executable, "-m", "launcher.cli", "run", *record["words"]],
-                                 stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
-        self.children[child.pid] = child
-        record.update(pid=child.pid, job_id=record["name"])
-
-    def ended(self, record: dict) -> bool:
-        child = self.children.get(record.get("pid"))
-        if child is not None:
-            return child.poll() is not None  # reaps it
-        return not alive(record.get("pid") or 0)  # started by an earlier driver
-
-    def stop(self, record: dict) -> None:
-        if not self.ended(record):
-            os.kill(record["pid"], signal.SIGTERM)  # the run checkpoints and exits
-
-    def wait(self, record: dict) -> None:
-        child = self.children.get(record.get("pid"))
-        if child is not None:
-            child.wait()
-
-
-class SlurmTrials:
-    """Trials as single-run Slurm jobs, submitted as `tunefleet submit` would with the search's
-    cluster= and slurm.* words; a trial started again resubmits its own batch script."""
-
-    def __init__(self, words: list[str]):
-        self.words = words
-
-    def start(self, record: dict) -> None:
-        from launcher.cluster import submit
-
-        submission = Path(record["run_dir"]) / "submission.json"
-        if submission.is_file():  # its script starts with train.resume=auto: the run continues
-            import shlex
-
-            done = subprocess.run(shlex.split(json.loads(submission.read_text())["sbatch"]), capture_output=True,
-                                  text=True)
-            if done.returncode != 0:
-                raise UserError(f"sbatch refused {record['name']}: {done.stderr.strip()}")
-            job = done.stdout.strip().split(";")[0]
-        else:
-            job = submit.submit(submit.plan([*record["words"], *self.words]))
-        record.update(job_id=job, pid=None)
-
-    def ended(self, record: dict) -> bool:
-        from launcher.cluster import slurm_executor
-
-        return str(record["job_id"]) not in slurm_executor.queue_states({"runs": [record]})
-
-    def stop(self, record: dict) -> None:
-        from launcher.cluster import slurm_executor
-
-        slurm_executor.cancel({}, [record["job_id"]])  # SIGTERM: the run checkpoints; a cancelled job is not requeued
-
-    def wait(self, record: dict) -> None:
-        deadline = time.time() + 120
-        while not self.ended(record) and time.time() < deadline:
-            time.sleep(POLL_S)
-
-
-EXECUTORS = {"local": LocalTrials, "slurm": SlurmTrials}
-
-
 class Driver:
     def __init__(self, sweep_dir: Path):
         self.sweep_dir = Path(sweep_dir)
@@ -161,6 +109,9 @@ class Driver:
         self.executor = EXECUTORS[self.manifest["executor"]](search.get("executor_words", []))
         self.trials: dict[int, object] = {}  # trial number -> optuna Trial, to report to
         self.stopping = False
+        self.halted: str | None = None  # why the driver gave up (the manifest records it too)
+        self.refusals = 0  # submissions refused in a row
+        self.silent_since: float | None = None  # when the scheduler stopped answering
 
     # -- bookkeeping
 
@@ -169,6 +120,9 @@ class Driver:
 
     def save(self) -> None:
         write_manifest(self.sweep_dir, self.manifest)
+
+    def log(self, message: str) -> None:
+        print(f"[{time.strftime('%Y-%m-%dT%H:%M:%S')}] {message}", flush=True)  # into search-driver.log
 
     def started(self) -> int:
         """Trials asked for so far (enqueued ones wait until asked)."""
@@ -179,12 +133,36 @@ class Driver:
     def in_flight(self) -> list[dict]:
         return [r for r in self.manifest["runs"] if r["state"] in ("running", "pruning")]
 
+    def refused(self) -> list[dict]:
+        """Trials asked for whose submission was refused: they wait to be submitted again."""
+        return [r for r in self.manifest["runs"] if r["state"] == "refused"]
+
     # -- runs
 
     def launch(self, record: dict) -> None:
-        self.executor.start(record)
+        """Start the trial's run; a refusal (sbatch said no) leaves the trial open, to be tried again."""
+        try:
+            self.executor.start(record)
+        except UserError as err:
+            self.refusals += 1
+            record.update(state="refused", error=str(err), refused_at=time.time())
+            self.save()
+            self.log(f"{record['name']} was not started ({self.refusals} refusal(s) in a row): {err}")
+            if self.refusals >= REFUSALS_TO_HALT:
+                self.halt(f"{self.refusals} submissions in a row were refused, the last: {err}. Trials already "
+                          f"running go on; fix the cause and continue with tunefleet search {self.sweep_dir}")
+            return
+        self.refusals = 0
         record.update(state="running", started=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+        record.pop("refused_at", None)
+        record.pop("error", None)
         self.save()
+
+    def halt(self, reason: str) -> None:
+        self.halted = reason
+        self.manifest["search"]["stopped"] = reason
+        self.save()
+        self.log(f"the search stops: {reason}")
 
     def new_trial(self, trial=None) -> None:
         """Ask for a trial (or start one asked for before: its suggestions return what they stored)."""
@@ -213,27 +191,29 @@ class Driver:
                   "job_id": name, "reported_step": -1, "state": "starting"}
         self.manifest["runs"].append(record)
         self.save()  # recorded before it starts: a driver dying in between must not leave it untracked
-        try:
-            self.launch(record)
-        except UserError as err:  # e.g. sbatch refused the job: this trial fails, the search goes on
-            (run_dir / "local.log").write_text(f"error: {err}\n")
-            record.update(state="failed", error=str(err))
-            self.study.tell(trial, state=TrialState.FAIL)
-            self.save()
+        self.launch(record)
+
+    def prune(self, record: dict, trial, step: int) -> None:
+        """Recorded first, told last: a driver killed in between leaves a record in "pruning" that the
+        next one finishes (adopt), never a pruned trial whose record still says running."""
+        from optuna.trial import TrialState
+
+        record.update(state="pruning", pruned_at=step)
+        self.save()
+        self.executor.stop(record)
+        self.study.tell(trial, state=TrialState.PRUNED)
 
     def poll(self, record: dict) -> None:
         from optuna.trial import TrialState
 
         trial = self.trials.get(record["trial"])  # none for a pruned trial whose run is still stopping
-        if record["state"] == "running":
+        if record["state"] == "running" and trial is not None:
             for step, value in _eval_points(Path(record["run_dir"]), self.metric):
                 if step > record["reported_step"]:
                     trial.report(value, step)
                     record["reported_step"] = step
                     if trial.should_prune():
-                        self.executor.stop(record)
-                        record.update(state="pruning", pruned_at=step)
-                        self.study.tell(trial, state=TrialState.PRUNED)
+                        self.prune(record, trial, step)
                         break
         if not self.executor.ended(record):
             return
@@ -251,16 +231,71 @@ class Driver:
 
     # -- the loop
 
-    def adopt(self) -> None:
-        """Take over the trials a previous driver left running: keep polling live runs, restart dead ones."""
+    def ask_scheduler(self, records: list[dict]) -> bool:
+        """One question to the scheduler about these trials; False when it did not answer (said once in
+        the log, and once when it answers again): nothing is known then, so nothing is decided."""
+        try:
+            self.executor.refresh(records)
+        except SchedulerDidNotAnswer as err:
+            if self.silent_since is None:
+                self.silent_since = time.time()
+                self.log(f"the scheduler did not answer ({err}); waiting, trials keep their state")
+            return False
+        if self.silent_since is not None:
+            self.log(f"the scheduler answers again (after {time.time() - self.silent_since:.0f} s)")
+            self.silent_since = None
+        return True
+
+    def wait_for_scheduler(self, records: list[dict]) -> bool:
+        while not self.ask_scheduler(records):
+            if self.stop_asked():
+                return False
+            time.sleep(POLL_S)
+        return True
+
+    def stop_asked(self) -> bool:
+        """SIGTERM on this host, or a stop request written from any host (tunefleet cancel)."""
+        self.stopping = self.stopping or stop_requested(self.sweep_dir)
+        return self.stopping
+
+    def reconcile(self) -> None:
+        """Make records agree with the study where a driver died between telling Optuna and saving."""
+        from optuna.trial import TrialState
+
+        states = {t.number: t for t in self.study.get_trials(deepcopy=False)}
+        for record in self.manifest["runs"]:
+            frozen = states.get(record.get("trial"))
+            if frozen is None or record["state"] not in ("starting", "running", "pruning", "refused"):
+                continue
+            if frozen.state == TrialState.PRUNED and record["state"] != "pruning":  # told, not saved
+                steps = sorted(frozen.intermediate_values)
+                record.update(state="pruning", pruned_at=record.get("pruned_at", steps[-1] if steps else None))
+            elif frozen.state == TrialState.RUNNING and record["state"] == "pruning":  # saved, not told
+                self.study.tell(frozen.number, state=TrialState.PRUNED)
+            elif frozen.state == TrialState.COMPLETE:
+                record.update(state="finished", value=frozen.value)
+            elif frozen.state == TrialState.FAIL:
+                record["state"] = "failed"
+
+    def adopt(self) -> bool:
+        """Take over the trials a previous driver left: keep polling live runs, restart dead ones, submit
+        refused ones again. False when stopped while waiting for the scheduler."""
         from optuna.trial import Trial, TrialState
 
+        self.reconcile()
+        pruning = [r for r in self.manifest["runs"] if r["state"] == "pruning"]
+        for record in pruning:
+            self.executor.stop(record)  # idempotent: the previous driver may have died before stopping it
+        if not self.wait_for_scheduler(self.in_flight()):  # "did not answer" must not read as "ended"
+            return False
         for frozen in self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
             record = self.record(frozen.number)
             if record is None:  # asked, never started: the driver died in between. Start it now, so
                 self.new_trial(Trial(self.study, frozen._trial_id))  # trial-N stays trial N, none lost
                 continue
             self.trials[frozen.number] = Trial(self.study, frozen._trial_id)
+            if record["state"] == "refused":
+                continue  # submitted again by the loop
             if record["state"] == "starting":  # the driver died while starting it
                 run_dir = Path(record["run_dir"])
                 if not any((run_dir / f).exists() for f in ("local.log", "submission.json")):
@@ -276,11 +311,37 @@ class Driver:
                 self.launch(record)  # train.resume=auto: from its newest checkpoint
             else:
                 record["state"] = "running"
-        for record in self.manifest["runs"]:
-            if record["state"] == "pruning" and self.executor.ended(record):
+        for record in pruning:
+            if self.executor.ended(record):
                 record["state"] = "pruned"
         self.manifest["runs"].sort(key=lambda r: r["trial"])  # runs[N] is trial N, as for a sweep's run N
         self.save()
+        return True
+
+    def start_trials(self) -> None:
+        """Submit refused trials again (after a pause), then ask for new ones, up to `parallel`."""
+        for record in self.refused():
+            if self.halted or len(self.in_flight()) >= self.spec.parallel:
+                return
+            if time.time() - record.get("refused_at", 0) >= REFUSAL_RETRY_S:
+                self.launch(record)
+        while (not self.halted and len(self.in_flight()) + len(self.refused()) < self.spec.parallel
+               and self.started() < self.spec.trials):
+            self.new_trial()
+
+    def step(self) -> bool:
+        """One poll: the scheduler asked once, every trial in flight read, new ones started. False when
+        the search is over (done, cancelled, or halted)."""
+        beat(self.sweep_dir)
+        if self.stop_asked():
+            return False
+        in_flight = self.in_flight()
+        if not self.ask_scheduler(in_flight):
+            return True  # wait: a trial whose state is unknown is neither ended nor replaced
+        for record in in_flight:
+            self.poll(record)
+        self.start_trials()
+        return not self.halted and bool(self.in_flight() or self.refused())
 
     def stop(self) -> None:
         """Cancelled: stop the runs (they checkpoint); their trials stay open, so a resumed search continues them."""
@@ -290,22 +351,19 @@ class Driver:
             self.executor.wait(record)
             record["state"] = "cancelled" if record["state"] == "running" else "pruned"
         self.save()
+        clear_stop_request(self.sweep_dir)
 
     def drive(self) -> int:
         signal.signal(signal.SIGTERM, lambda *_: setattr(self, "stopping", True))
-        self.manifest["supervisor_pid"] = os.getpid()
-        self.adopt()
-        while not self.stopping:
-            for record in self.in_flight():
-                self.poll(record)
-            while len(self.in_flight()) < self.spec.parallel and self.started() < self.spec.trials:
-                self.new_trial()
-            if not self.in_flight():
-                break
-            time.sleep(POLL_S)
+        self.manifest.update(supervisor_pid=os.getpid(), supervisor_host=socket.gethostname())
+        self.manifest["search"].pop("stopped", None)
+        beat(self.sweep_dir)
+        if self.adopt():
+            while self.step():
+                time.sleep(POLL_S)
         if self.stopping:
             self.stop()
-        return 0
+        return 1 if self.halted else 0
 
 
 # ---------------------------------------------------------------------------- the command
@@ -359,8 +417,11 @@ def cmd_search(words: list[str]) -> int:
         manifest = read_manifest(path)
         if "search" not in manifest:
             raise UserError(f"{path} is a sweep, not a search (no study in its manifest)")
-        if manifest.get("supervisor_pid") and alive(manifest["supervisor_pid"]):
-            raise UserError(f"{path}: its driver (pid {manifest['supervisor_pid']}) is still running")
+        driver = driver_seen(path, manifest)
+        if driver.running:
+            raise UserError(f"{path}: its driver ({driver.describe()}) is still running"
+                            + ("" if driver.here else "; stop it with tunefleet cancel, from any host"))
+        clear_stop_request(path)  # a request the last driver never read: this one is to run
         pid = _start_driver(path)
         print(f"[tunefleet] search continues in {path} (driver pid {pid}); tunefleet status {path}")
         return 0

@@ -5,10 +5,19 @@
     tunefleet submit sweep=sweeps/lr_and_rank.yaml [more words, comma lists cross it] ...
 
 A run's folder is decided here, once (its {time} rendered now), and holds everything of the run:
-the rendered script (RUN/slurm/job.sbatch), Slurm's log appended across requeues
+the rendered script (RUN/slurm/job.sbatch), what the job needs beyond its words
+(RUN/slurm/job-settings.json: environment, container), Slurm's log appended across requeues
 (RUN/slurm/slurm-JOBID.out) and RUN/submission.json. A sweep is one job array (at most
-`array_parallelism` runs at once) over a sweep folder with manifest.json and one folder per run.
-Every run is validated before anything is written or submitted: one typo wastes no queue slot.
+`array_parallelism` runs at once) over a sweep folder with manifest.json and one folder per run,
+and, unless the profile says `collect: false`, a job that runs `tunefleet collect` once the array
+has ended. Every run is validated before anything is written or submitted: one typo wastes no
+queue slot.
+
+Submitting the same words again continues what did not finish: a run whose job ended (cancelled,
+failed, stopped after its last requeue) resumes from its checkpoint (the job's words start with
+train.resume=auto); for a sweep (the same words and sweep.dir=), one new job array over the runs
+that are neither finished nor still pending or running (`--array=1,3`). A folder whose job still
+pends or runs is refused (launcher.cluster.claim); a finished run is never submitted again.
 """
 
 from __future__ import annotations
@@ -22,13 +31,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from launcher.cluster import sweep as sweeps
-from launcher.cluster.profiles import ClusterProfile, load_profile
-from launcher.cluster.render import render, template_for
+from launcher.cluster.claim import claimed, live_jobs
+from launcher.cluster.job_settings import SETTINGS_FILE, Container, JobSettings
+from launcher.cluster.profiles import ClusterProfile, check_mount, load_profile
+from launcher.cluster.render import render, render_collect, safe_job_name, template_for
 from launcher.errors import UserError
 
 # Stands in for the head node while validating at submission; each node gets the real one in the job.
 HEAD_PLACEHOLDER = "slurm-head-node"
 SWEEP_TASK_FLAG = "--sweep-task"  # the job picks its run from the sweep's manifest by array index
+SBATCH_TIMEOUT_S = 120
+SUBMISSION = "submission.json"
 
 
 @dataclass
@@ -38,6 +51,7 @@ class Planned:
     run_dir: Path
     words: list[str]  # what the job runs: recipe, overrides, where the run lives
     overrides: dict[str, str]  # the values that differ from the sweep's other runs
+    finished: bool = False  # a sweep submitted again leaves it out
 
 
 @dataclass
@@ -50,6 +64,9 @@ class Submission:
     node_preview: str  # what each node runs (head and rank filled in at run time)
     dry_run: bool
     options: SubmitOptions
+    settings: JobSettings = field(default_factory=JobSettings)
+    earlier: dict | None = None  # what the folder's last submission recorded (submission.json, manifest)
+    python: str = ""  # the host's Python with tunefleet: the batch process and the collect job run it
 
 
 @dataclass
@@ -107,29 +124,56 @@ def _check(words: list[str]):
     return load_recipe(["train.resume=auto", *words, f"distributed.main_process_ip={HEAD_PLACEHOLDER}"])
 
 
-def _plan_runs(recipe_words: list[str], profile: ClusterProfile, options: SubmitOptions, always_sweep: bool
-               ) -> tuple[list[Planned], Path | None]:
+def _preflight(recipe, name: str, continues: bool) -> None:
+    """Paths checked as a fresh run (its folder must be free) or as a continuation (the folder holds it)."""
     from launcher.config.preflight import preflight
-    from launcher.outputs.run_dir import check_free, render_dir
 
-    grid = sweeps.expand_grid(recipe_words)
-    if options.sweep_file:
-        grid = sweeps.cross(sweeps.load_sweep_file(options.sweep_file), grid)
-        always_sweep = True
-    sweep_dir_text = options.sweep_dir
-    layout = _layout(profile)
-    if len(grid) == 1 and not always_sweep:
-        words = [*recipe_words, *layout]
-        name, recipe = _check(words)
-        run_dir = render_dir(recipe.output.dir, name).resolve()
-        words.append(f"output.dir={run_dir}")
-        name, recipe = _check(words)
+    resume = "auto" if continues else "never"
+    preflight(recipe.model_copy(update={"train": recipe.train.model_copy(update={"resume": resume})}), name)
+
+
+def read_submission(run_dir: Path) -> dict | None:
+    path = run_dir / SUBMISSION
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def _same_words(folder: Path, recorded: list[str], words: list[str], how: str) -> None:
+    if recorded != words:
+        gone = [w for w in recorded if w not in words]
+        new = [w for w in words if w not in recorded]
+        raise UserError(f"{folder} was submitted with other words ({', '.join(gone) or 'none'} then; "
+                        f"{', '.join(new) or 'none'} now). {how}")
+
+
+def _plan_single(recipe_words: list[str], layout: list[str]) -> tuple[Planned, dict | None]:
+    from launcher.outputs.run_dir import check_free, render_dir
+    from launcher.outputs.status import is_finished
+
+    words = [*recipe_words, *layout]
+    name, recipe = _check(words)
+    run_dir = render_dir(recipe.output.dir, name).resolve()
+    words.append(f"output.dir={run_dir}")
+    name, recipe = _check(words)
+    earlier = read_submission(run_dir)
+    if earlier is None:
         check_free(run_dir)
-        preflight(recipe.model_copy(update={"train": recipe.train.model_copy(update={"resume": "never"})}), name)
-        return [Planned(run_dir.name, name, run_dir, words, {})], None
-    sweep_dir = render_dir(sweep_dir_text or "runs/sweep-{time}", "sweep").resolve()
-    if (sweep_dir / sweeps.MANIFEST).exists():
-        raise UserError(f"sweep.dir={sweep_dir} already holds a sweep; choose another sweep.dir")
+    elif is_finished(run_dir):
+        raise UserError(f"output.dir {run_dir} already holds a finished run (job {earlier.get('job_id')}); "
+                        "nothing to continue. Choose another output.dir to train again")
+    else:
+        _same_words(run_dir, earlier.get("words", []), words,
+                    "Give the same words to continue it, or choose another output.dir for a new run")
+    _preflight(recipe, name, continues=earlier is not None)
+    return Planned(run_dir.name, name, run_dir, words, {}), earlier
+
+
+def _plan_sweep(grid: list[dict[str, str]], layout: list[str], sweep_dir: Path) -> tuple[list[Planned], dict | None]:
+    from launcher.outputs.status import is_finished
+
+    earlier = sweeps.read_manifest(sweep_dir) if (sweep_dir / sweeps.MANIFEST).exists() else None
+    if earlier is not None and (earlier.get("executor") != "slurm" or "search" in earlier):
+        raise UserError(f"sweep.dir={sweep_dir} already holds a sweep run by executor={earlier.get('executor')}"
+                        f"{' (a search)' if 'search' in earlier else ''}; choose another sweep.dir")
     planned, problems = [], []
     varying = sweeps.varying_keys(grid)
     for values, name in zip(grid, sweeps.unique_names(grid)):
@@ -137,12 +181,12 @@ def _plan_runs(recipe_words: list[str], profile: ClusterProfile, options: Submit
         words = [f"{k}={v}" for k, v in values.items()] + layout + [f"output.dir={run_dir}"]
         try:
             recipe_name, recipe = _check(words)
-            preflight(recipe.model_copy(update={"train": recipe.train.model_copy(update={"resume": "never"})}),
-                      recipe_name)
+            _preflight(recipe, recipe_name, continues=earlier is not None)
         except UserError as err:
             problems.append((name, str(err)))
             continue
-        planned.append(Planned(name, recipe_name, run_dir, words, {k: values[k] for k in varying}))
+        planned.append(Planned(name, recipe_name, run_dir, words, {k: values[k] for k in varying},
+                               finished=earlier is not None and is_finished(run_dir)))
     if problems:
         by_message: dict[str, list[str]] = {}
         for name, message in problems:
@@ -150,7 +194,60 @@ def _plan_runs(recipe_words: list[str], profile: ClusterProfile, options: Submit
         lines = [f"run(s) {', '.join(names)}: {message}" for message, names in by_message.items()]
         raise UserError(f"{len(problems)} of {len(grid)} runs of the sweep are invalid; nothing was submitted:\n"
                         + "\n".join(lines))
-    return planned, sweep_dir
+    if earlier is not None:
+        _same_words(sweep_dir, [w for r in earlier["runs"] for w in r["words"]], [w for r in planned for w in r.words],
+                    "Give the words the sweep was submitted with to continue it, or choose another sweep.dir")
+    return planned, earlier
+
+
+def _plan_runs(recipe_words: list[str], profile: ClusterProfile, options: SubmitOptions, always_sweep: bool
+               ) -> tuple[list[Planned], Path | None, dict | None]:
+    from launcher.outputs.run_dir import render_dir
+
+    grid = sweeps.expand_grid(recipe_words)
+    if options.sweep_file:
+        grid = sweeps.cross(sweeps.load_sweep_file(options.sweep_file), grid)
+        always_sweep = True
+    layout = _layout(profile)
+    if len(grid) == 1 and not always_sweep:
+        run, earlier = _plan_single(recipe_words, layout)
+        return [run], None, earlier
+    sweep_dir = render_dir(options.sweep_dir or "runs/sweep-{time}", "sweep", key="sweep.dir").resolve()
+    if options.executor == "local" and (sweep_dir / sweeps.MANIFEST).exists():
+        raise UserError(f"sweep.dir={sweep_dir} already holds a sweep; choose another sweep.dir")
+    runs, earlier = _plan_sweep(grid, layout, sweep_dir)
+    return runs, sweep_dir, earlier
+
+
+def _mount_of(path: Path, what: str) -> str:
+    try:
+        return check_mount(f"{path}:{path}")
+    except ValueError:
+        raise UserError(f"{what} {path} holds a ',' or ':', which a container mount cannot name; "
+                        "use a folder without them") from None
+
+
+def job_settings(profile: ClusterProfile, folder: Path) -> JobSettings:
+    """What the batch process needs beyond the words: the step's environment and its container. The
+    container sees `tunefleet submit`'s folder (where the job starts) and the run or sweep folder at
+    their own paths, so that the words' paths hold inside it too."""
+    box = profile.container
+    if box is None:
+        return JobSettings(env=dict(profile.env))
+    workdir = Path.cwd()
+    mounts = [_mount_of(workdir, "the working folder")]
+    if not folder.is_relative_to(workdir):
+        mounts.append(_mount_of(folder, "the run folder"))
+    mounts += [m if ":" in m else f"{m}:{m}" for m in box.mounts]
+    return JobSettings(env=dict(profile.env), container=Container(
+        runtime=box.runtime, image=box.image, mounts=tuple(mounts), workdir=str(workdir),
+        python=profile.python or "python", gpus=profile.gpus_per_node > 0, mount_home=box.mount_home))
+
+
+def array_option(indices: list[int], cap: int | None) -> str:
+    """--array over these manifest indices: 0-N for all of them, else a list (1,3)."""
+    spread = f"0-{len(indices) - 1}" if indices == list(range(len(indices))) else ",".join(map(str, indices))
+    return f"--array={spread}" + (f"%{cap}" if cap else "")
 
 
 def plan(words: list[str]) -> Submission:
@@ -163,30 +260,36 @@ def plan(words: list[str]) -> Submission:
         raise UserError("executor=local runs on this machine: cluster= and slurm.* do not apply")
     profile = load_profile(options.cluster, options.slurm)
     # The local executor keeps its runs in a sweep folder even for one run: the manifest is its record.
-    runs, sweep_dir = _plan_runs(recipe_words, profile, options, always_sweep=local)
+    runs, sweep_dir, earlier = _plan_runs(recipe_words, profile, options, always_sweep=local)
     if local:
         return Submission(profile, runs, sweep_dir, "", [], "", options.dry_run, options)
-    python = profile.python or sys.executable
+    # In a container the image's Python runs the training step; the batch process stays on the host.
+    python = sys.executable if profile.container else (profile.python or sys.executable)
     if sweep_dir is None:
         run = runs[0]
-        script_words, job_name = run.words, f"tf-{run.recipe_name}"
-        logs = run.run_dir / "slurm"
-        sbatch_options = [f"--output={logs / 'slurm-%j.out'}"]
-        script_path = logs / "job.sbatch"
+        folder, script_words, name = run.run_dir, run.words, safe_job_name("tf-", run.recipe_name)
+        sbatch_options = [f"--output={folder / 'slurm' / 'slurm-%j.out'}"]
     else:
-        script_words, job_name = [SWEEP_TASK_FLAG, str(sweep_dir)], f"tf-sweep-{sweep_dir.name}"
-        cap = f"%{profile.array_parallelism}" if profile.array_parallelism else ""
+        folder, script_words, name = sweep_dir, [SWEEP_TASK_FLAG, str(sweep_dir)], safe_job_name("tf-sweep-",
+                                                                                                sweep_dir.name)
+        indices = [i for i, r in enumerate(runs) if not r.finished]
+        if not indices:
+            raise UserError(f"sweep.dir={sweep_dir}: all {len(runs)} runs have finished; nothing to submit "
+                            f"(results: tunefleet collect {sweep_dir})")
         # Each task writes its own run folder's log (launcher.cluster.job); this one only catches what
         # happens before that.
-        sbatch_options = [f"--array=0-{len(runs) - 1}{cap}", f"--output={sweep_dir / 'slurm' / 'array-%A_%a.out'}"]
-        script_path = sweep_dir / "slurm" / "job.sbatch"
-    script = render(template_for(profile.nodes), profile, script_words, job_name=job_name[:64], python=python)
-    sbatch_argv = ["sbatch", "--parsable", *sbatch_options, f"--chdir={Path.cwd()}", str(script_path)]
-    node_preview = (f"srun --ntasks-per-node=1 {shlex.quote(python)} -m launcher.cluster.node "
-                    + shlex.join(["train.resume=auto", *runs[0].words])
+        sbatch_options = [array_option(indices, profile.array_parallelism),
+                          f"--output={sweep_dir / 'slurm' / 'array-%A_%a.out'}"]
+    settings = job_settings(profile, folder)
+    script = render(template_for(profile.nodes), profile, script_words, job_name=name, python=python,
+                    settings_file=folder / "slurm" / SETTINGS_FILE)
+    sbatch_argv = ["sbatch", "--parsable", *sbatch_options, f"--chdir={Path.cwd()}", str(folder / "slurm" / "job.sbatch")]
+    step = shlex.join(["srun", "--ntasks-per-node=1", *settings.srun_options(), *settings.command_prefix(), python])
+    node_preview = (f"{step} -m launcher.cluster.node " + shlex.join(["train.resume=auto", *runs[0].words])
                     + " distributed.machine_rank=$SLURM_NODEID distributed.main_process_ip=<first node>"
                       " distributed.main_process_port=<20000 + job id % 20000>")
-    return Submission(profile, runs, sweep_dir, script, sbatch_argv, node_preview, options.dry_run, options)
+    return Submission(profile, runs, sweep_dir, script, sbatch_argv, node_preview, options.dry_run, options,
+                      settings, earlier, python)
 
 
 def submit_local(sub: Submission) -> None:
@@ -200,34 +303,131 @@ def submit_local(sub: Submission) -> None:
     local_executor.submit(sub.sweep_dir, sweeps.new_manifest(sub.sweep_dir, records, "local"), sub.options.parallel)
 
 
-def submit(sub: Submission) -> str:
-    """Write the Slurm files and the manifest, submit; return the (array) job id."""
+def _now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S%z")
+
+
+def _sbatch(argv: list[str], folder: Path) -> str:
+    """Run sbatch; the job id. A time-out may still have created the job: the next submit finds it by
+    its script (launcher.cluster.claim), so trying again is safe."""
+    try:
+        done = subprocess.run(argv, capture_output=True, text=True, timeout=SBATCH_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        raise UserError(f"sbatch did not answer in {SBATCH_TIMEOUT_S} s; Slurm may have created the job anyway. "
+                        f"Submit again: a job already queued for {folder} is found and named") from None
+    if done.returncode != 0:
+        raise UserError(f"sbatch refused the job: {done.stderr.strip() or done.stdout.strip()}")
+    return done.stdout.strip().split(";")[0]
+
+
+def _new_record(run: Planned) -> dict:
+    return {"name": run.name, "recipe": run.recipe_name, "overrides": run.overrides, "words": run.words,
+            "run_dir": str(run.run_dir), "job_id": None, "state": "submitting", "restarts": 0}
+
+
+def _again(record: dict) -> dict:
+    """A record about to get a new job: the earlier job goes into its history."""
+    earlier = {k: record.get(k) for k in ("job_id", "state", "restarts", "submitted")}
+    return {**record, "job_id": None, "state": "submitting",
+            "earlier_jobs": [*record.get("earlier_jobs", []), earlier]}
+
+
+def _refuse_live(folder: Path, live: dict[str, str]) -> None:
+    jobs = ", ".join(f"{job} ({state})" for job, state in sorted(live.items()))
+    raise UserError(f"{folder}: job {jobs} still trains in this folder; a second job would interleave its "
+                    f"checkpoints. Wait for it to end, or stop it with `tunefleet cancel {folder}`, then submit "
+                    "again to continue")
+
+
+def _submit_single(sub: Submission) -> str:
+    from launcher.outputs.run_dir import write_json
+
+    run = sub.runs[0]
+    submission = run.run_dir / SUBMISSION
     script_path = Path(sub.sbatch_argv[-1])
-    script_path.parent.mkdir(parents=True, exist_ok=True)  # Slurm does not create a log's folder
+    earlier = read_submission(run.run_dir)  # read again under the claim: the latest job id
+    live = live_jobs(script_path, [(earlier or {}).get("job_id")])
+    if live:
+        _refuse_live(run.run_dir, live)
+    (run.run_dir / "slurm").mkdir(parents=True, exist_ok=True)  # Slurm does not create a log's folder
+    script_path.write_text(sub.script)
+    sub.settings.write(run.run_dir / "slurm" / SETTINGS_FILE)
+    record = {**(_again(earlier) if earlier else _new_record(run)), "executor": "slurm",
+              "sbatch": shlex.join(sub.sbatch_argv), "profile": sub.profile.recorded()}
+    write_json(submission, record)  # before sbatch: the folder names its submission from now on
+    try:
+        job_id = _sbatch(sub.sbatch_argv, run.run_dir)
+    except UserError:
+        write_json(submission, {**record, "state": "not submitted"})
+        raise
+    write_json(submission, {**record, "job_id": job_id, "state": "submitted", "submitted": _now()})
+    return job_id
+
+
+def _submit_sweep(sub: Submission) -> tuple[str, list[int]]:
+    sweep_dir = sub.sweep_dir
+    script_path = Path(sub.sbatch_argv[-1])
+    if sub.earlier is None:
+        manifest = sweeps.new_manifest(sweep_dir, [_new_record(r) for r in sub.runs], "slurm")
+        indices = list(range(len(sub.runs)))
+    else:
+        manifest = sweeps.read_manifest(sweep_dir)  # read again under the claim: the latest job ids
+        records = manifest["runs"]
+        live = live_jobs(script_path, [r.get("job_id") for r in records])
+        unknown = {job: state for job, state in live.items() if job not in {r.get("job_id") for r in records}}
+        if unknown:
+            _refuse_live(sweep_dir, unknown)
+        indices = [i for i, run in enumerate(sub.runs) if not run.finished and records[i].get("job_id") not in live]
+        if not indices:
+            raise UserError(f"sweep.dir={sweep_dir}: every run has finished or still pends or runs "
+                            f"({', '.join(sorted(live))}); nothing to submit. Stop a run with "
+                            f"`tunefleet cancel {sweep_dir}` first to submit it again")
+        for i in indices:
+            records[i] = _again(records[i])
+        manifest["earlier_array_job_ids"] = [*manifest.get("earlier_array_job_ids", []), manifest.get("array_job_id")]
+    argv = [w if not w.startswith("--array=") else array_option(indices, sub.profile.array_parallelism)
+            for w in sub.sbatch_argv]
+    (sweep_dir / "slurm").mkdir(parents=True, exist_ok=True)
     for run in sub.runs:
         (run.run_dir / "slurm").mkdir(parents=True, exist_ok=True)
     script_path.write_text(sub.script)
-    records = [{"name": r.name, "recipe": r.recipe_name, "overrides": r.overrides, "words": r.words,
-                "run_dir": str(r.run_dir), "job_id": None, "state": "submitting", "restarts": 0} for r in sub.runs]
-    if sub.sweep_dir is not None:  # written first: an array task reads its words from it
-        sweeps.write_manifest(sub.sweep_dir, sweeps.new_manifest(sub.sweep_dir, records, "slurm"))
-    done = subprocess.run(sub.sbatch_argv, capture_output=True, text=True)
-    if done.returncode != 0:
-        raise UserError(f"sbatch refused the job: {done.stderr.strip() or done.stdout.strip()}")
-    job_id = done.stdout.strip().split(";")[0]
-    for i, record in enumerate(records):
-        record.update(job_id=f"{job_id}_{i}" if sub.sweep_dir is not None else job_id, state="submitted",
-                      submitted=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
-    if sub.sweep_dir is not None:
-        manifest = sweeps.new_manifest(sub.sweep_dir, records, "slurm")
-        manifest.update(array_job_id=job_id, sbatch=shlex.join(sub.sbatch_argv),
-                        profile=sub.profile.model_dump())
-        sweeps.write_manifest(sub.sweep_dir, manifest)
-    else:
-        record = {**records[0], "executor": "slurm", "sbatch": shlex.join(sub.sbatch_argv),
-                  "profile": sub.profile.model_dump()}
-        (sub.runs[0].run_dir / "submission.json").write_text(json.dumps(record, indent=1) + "\n")
-    return job_id
+    sub.settings.write(sweep_dir / "slurm" / SETTINGS_FILE)
+    manifest.update(sbatch=shlex.join(argv), profile=sub.profile.recorded())
+    sweeps.write_manifest(sweep_dir, manifest)  # written first: an array task reads its words from it
+    array_id = _sbatch(argv, sweep_dir)
+    for i in indices:
+        manifest["runs"][i].update(job_id=f"{array_id}_{i}", state="submitted", submitted=_now())
+    manifest.update(array_job_id=array_id, collect_job_id=None)
+    sweeps.write_manifest(sweep_dir, manifest)
+    if sub.profile.collect:
+        manifest["collect_job_id"] = submit_collect(sub, array_id)
+        sweeps.write_manifest(sweep_dir, manifest)
+    return array_id, indices
+
+
+def submit_collect(sub: Submission, array_id: str) -> str | None:
+    """A job that runs `tunefleet collect SWEEP` once every task of the array has ended, however it ended
+    (afterany); a dependency Slurm can never satisfy cancels it instead of leaving it queued."""
+    logs = sub.sweep_dir / "slurm"
+    script = logs / "collect.sbatch"
+    script.write_text(render_collect(sub.profile, sub.sweep_dir, sub.python))
+    argv = ["sbatch", "--parsable", f"--dependency=afterany:{array_id}", "--kill-on-invalid-dep=yes",
+            f"--output={logs / 'collect-%j.out'}", f"--chdir={Path.cwd()}", str(script)]
+    try:
+        return _sbatch(argv, sub.sweep_dir)
+    except UserError as err:  # the array is submitted: say so, do not fail the submit
+        print(f"[tunefleet] warning: the collect job was not submitted ({err}); collect by hand with "
+              f"tunefleet collect {sub.sweep_dir}", file=sys.stderr)
+        return None
+
+
+def submit(sub: Submission) -> str:
+    """Write the Slurm files and the record, submit under the folder's claim; return the (array) job id."""
+    folder = sub.sweep_dir or sub.runs[0].run_dir
+    with claimed(folder):
+        if sub.sweep_dir is None:
+            return _submit_single(sub)
+        return _submit_sweep(sub)[0]
 
 
 def cmd_submit(words: list[str]) -> int:
@@ -244,17 +444,29 @@ def cmd_submit(words: list[str]) -> int:
     if sub.dry_run:
         print(sub.script, end="")
         print(f"\n# submitted with:\n#   {shlex.join(sub.sbatch_argv)}\n# each node runs:\n#   {sub.node_preview}")
+        if sub.settings.env:
+            print(f"# the training step's environment adds (job-settings.json): {', '.join(sub.settings.env)}")
         if sub.sweep_dir is not None:
             print(f"# {len(sub.runs)} runs in {sub.sweep_dir}:")
             for i, run in enumerate(sub.runs):
-                print(f"#   [{i}] {run.name}: {shlex.join(run.words)}")
+                print(f"#   [{i}] {run.name}: " + ("finished, left out" if run.finished else shlex.join(run.words)))
+            if sub.profile.collect:
+                print(f"# then a job collects the results: sbatch --dependency=afterany:ARRAY {sub.sweep_dir}"
+                      "/slurm/collect.sbatch")
         return 0
-    job_id = submit(sub)
     if sub.sweep_dir is None:
+        job_id = submit(sub)
         run = sub.runs[0]
+        again = f" (continues it: train.resume=auto; earlier job {sub.earlier.get('job_id')})" if sub.earlier else ""
         print(f"[tunefleet] submitted job {job_id}: {run.recipe_name} on {sub.profile.nodes} node(s); "
-              f"run folder {run.run_dir}; log {run.run_dir / 'slurm' / f'slurm-{job_id}.out'}")
-    else:
-        print(f"[tunefleet] submitted job array {job_id} with {len(sub.runs)} runs; sweep folder {sub.sweep_dir} "
-              f"(tunefleet status {sub.sweep_dir})")
+              f"run folder {run.run_dir}{again}; log {run.run_dir / 'slurm' / f'slurm-{job_id}.out'}")
+        return 0
+    with claimed(sub.sweep_dir):
+        job_id, indices = _submit_sweep(sub)
+    which = f"runs {','.join(map(str, indices))} of {len(sub.runs)}" if sub.earlier else f"{len(sub.runs)} runs"
+    manifest = sweeps.read_manifest(sub.sweep_dir)
+    collect = (f"; job {manifest['collect_job_id']} collects the results when it ends"
+               if manifest.get("collect_job_id") else "")
+    print(f"[tunefleet] submitted job array {job_id} with {which}; sweep folder {sub.sweep_dir} "
+          f"(tunefleet status {sub.sweep_dir}){collect}")
     return 0

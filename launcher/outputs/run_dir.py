@@ -14,8 +14,14 @@ from launcher.errors import UserError
 RUN_MARKERS = ("recipe.yaml", "metrics.jsonl")
 
 
-def render_dir(template: str, recipe_name: str) -> Path:
-    return Path(template.format(recipe=recipe_name, time=time.strftime("%Y%m%d-%H%M%S")))
+def render_dir(template: str, recipe_name: str, key: str = "output.dir") -> Path:
+    """The folder `template` names now: {recipe} and {time} filled in. Any other brace is a mistake
+    named in one message (str.format would raise KeyError or ValueError from deep inside)."""
+    try:
+        return Path(template.format(recipe=recipe_name, time=time.strftime("%Y%m%d-%H%M%S")))
+    except (KeyError, IndexError, ValueError) as err:
+        raise UserError(f"{key}={template}: cannot fill in the folder name ({type(err).__name__}: {err}); "
+                        "the placeholders are {recipe} and {time}; write {{ and }} for a brace itself") from None
 
 
 def check_free(run_dir: Path) -> None:

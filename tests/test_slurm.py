@@ -119,6 +119,9 @@ def test_sweep_runs_as_an_array_and_is_collected(slurm, tiny_llama, tmp_path):
     wait_state(env, sweep, {"finished"}, 400, seen)
     # Two at a time: the others wait with Slurm's reason for it while two run.
     assert {"pending", "running", "finished", "JobArrayTaskLimit"} <= seen, seen
+    # Nobody has called collect: the job submit queued behind the array (afterany) writes the results.
+    assert wait_for(lambda: (sweep / "results.csv").exists(), 120), list((sweep / "slurm").iterdir())
+    assert (sweep / "slurm" / f"collect-{manifest['collect_job_id']}.out").exists()
     assert cli(env, "collect", str(sweep)).returncode == 0
     rows = list(csv.DictReader((sweep / "results.csv").open()))
     assert len(rows) == 4

@@ -102,7 +102,7 @@ def render_collect(profile: ClusterProfile, sweep_dir: Path, python: str) -> str
             options[option] = value
     check_directives(options)
     return "\n".join(["#!/bin/bash",
-                      f"# Written by `tunefleet submit`: collects {sweep_dir} once its job array has ended",
+                      "# Written by `tunefleet submit`: collects the sweep once its job array has ended",
                       "# (sbatch --dependency=afterany:ARRAY); by hand: tunefleet collect SWEEP.",
                       *(f"#SBATCH {name}={value}" for name, value in options.items()), "",
                       *profile.setup,

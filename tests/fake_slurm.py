@@ -19,6 +19,7 @@ import sys
 from pathlib import Path
 
 COMMANDS = ("squeue", "sbatch", "scancel", "scontrol", "sacct")
+LIVE = ("PENDING", "CONFIGURING", "RUNNING", "COMPLETING", "SUSPENDED", "REQUEUED")
 
 
 @contextlib.contextmanager
@@ -102,13 +103,22 @@ def answer(command: str, folder: Path, argv: list[str]) -> int:
         if state["squeue_down"]:
             print("slurm_load_jobs error: Unable to contact slurm controller (connect failure)", file=sys.stderr)
             return 1
-        wanted = set(_option(argv, "-j").split(","))
-        known = {job: info for job, info in jobs.items() if job.split("_")[0] in wanted}
-        if not known:
+        wanted = set(_option(argv, "-j").split(",")) if "-j" in argv else None  # else: all of them
+        known = {job: info for job, info in jobs.items() if wanted is None or job.split("_")[0] in wanted}
+        if wanted and not known:
             print("slurm_load_jobs error: Invalid job id specified", file=sys.stderr)
             return 1
         for job, info in known.items():
-            print(f"{job}|{info['state']}|{info['reason']}|{info['nodes']}|{info['restarts']}|{info['exit']}|")
+            if "all" not in _option(argv, "-t") and info["state"] not in LIVE:
+                continue  # without -t all, squeue lists the queue only
+            if "-O" in argv:  # the fields launcher.cluster.slurm_executor asks for
+                print(f"{job}|{info['state']}|{info['reason']}|{info['nodes']}|{info['restarts']}|{info['exit']}|")
+            else:  # -o with %i, %T, %r, %N, %o (no command is known: empty)
+                line = _option(argv, "-o")
+                for code, value in (("%i", job), ("%T", info["state"]), ("%r", info["reason"]),
+                                    ("%N", info["nodes"]), ("%o", "")):
+                    line = line.replace(code, value)
+                print(line)
         return 0
     if command == "sbatch":
         if state["sbatch_refuses"]:

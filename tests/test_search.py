@@ -193,3 +193,208 @@ space:
     assert [t.state.name for t in _study(folder).trials] == ["COMPLETE"]
     assert _manifest(folder)["runs"][0]["state"] == "finished"
     assert "] resumed from" in (folder / "trial-000" / "local.log").read_text()
+
+
+# ---------------------------------------------------------------------------- faults, injected
+
+
+class Killed(BaseException):
+    """The driver process dying at this instant (nothing after it runs, nothing in memory survives)."""
+
+
+class InstantTrials:
+    """Trials that run at once: started, a run writes two evaluations and its result, and has ended by
+    the next poll. `world` is shared by every driver of a test, as the cluster would be."""
+
+    world: dict = {}
+
+    def __init__(self, _words):
+        pass
+
+    def start(self, record):
+        if self.world["refuse"]:
+            raise UserError("sbatch refused the job: Invalid account or account/partition combination specified")
+        run_dir = Path(record["run_dir"])
+        value = 1.0 + record["trial"] / 10
+        (run_dir / "metrics.jsonl").write_text("".join(json.dumps({"step": s, "eval_loss": value}) + "\n" for s in (2, 4)))
+        (run_dir / "metrics.json").write_text(json.dumps({"best": {"metric": "eval_loss", "value": value, "step": 4}}))
+        self.world["started"].append(record["name"])
+        record.update(job_id=f"job-{len(self.world['started'])}", pid=None)
+
+    def refresh(self, records):
+        pass
+
+    def ended(self, record):
+        return True
+
+    def stop(self, record):
+        pass
+
+    def wait(self, record):
+        pass
+
+
+def new_search(tmp_path, monkeypatch, executor: str, trials: int, parallel: int, extra: str = "") -> Path:
+    """A search folder as `tunefleet search` leaves it, its driver not started (the test runs one)."""
+    from launcher.search import driver
+
+    monkeypatch.setattr(driver, "_start_driver", lambda folder: 0)
+    path = write(tmp_path, GOOD + f"  train.lr: {{type: float, low: 1.0e-5, high: 1.0e-3, log: true}}\n"
+                                  f"trials: {trials}\nparallel: {parallel}\nsampler: random\n{extra}")
+    folder = tmp_path / "search"
+    words = ["cluster=local"] if executor == "slurm" else []
+    assert main(["search", path, f"executor={executor}", *words, f"search.dir={folder}"]) == 0
+    return folder
+
+
+@pytest.fixture
+def instant(monkeypatch):
+    from launcher.search import driver
+
+    monkeypatch.setitem(driver.EXECUTORS, "instant", InstantTrials)
+    monkeypatch.setattr(driver, "POLL_S", 0.0)
+    monkeypatch.setattr(InstantTrials, "world", {"refuse": False, "started": []})
+    return InstantTrials.world
+
+
+def test_a_driver_killed_right_after_pruning_leaves_a_search_that_continues(tmp_path, monkeypatch, instant):
+    import optuna
+    from optuna.trial import TrialState
+
+    from launcher.search.driver import Driver
+
+    folder = new_search(tmp_path, monkeypatch, "instant", trials=3, parallel=1)
+    monkeypatch.setattr(optuna.trial.Trial, "should_prune", lambda self: self.number == 0)
+    driver = Driver(folder)
+    tell = driver.study.tell
+
+    def tell_then_die(trial, *args, **kwargs):
+        tell(trial, *args, **kwargs)
+        if kwargs.get("state") == TrialState.PRUNED:
+            raise Killed
+
+    driver.study.tell = tell_then_die
+    with pytest.raises(Killed):
+        driver.drive()
+    assert [t.state.name for t in _study(folder).trials] == ["PRUNED"]
+    assert Driver(folder).drive() == 0  # the next driver finishes the pruning and goes on
+    assert [r["state"] for r in _manifest(folder)["runs"]] == ["pruned", "finished", "finished"]
+    assert [t.state.name for t in _study(folder).trials] == ["PRUNED", "COMPLETE", "COMPLETE"]
+    assert _manifest(folder)["runs"][0]["pruned_at"] == 2
+
+
+def test_a_continued_search_does_not_replay_its_first_suggestions(tmp_path):
+    from launcher.search.driver import open_study
+
+    spec = load_search_file(write(tmp_path, GOOD + "  train.lr: {type: float, low: 1.0e-5, high: 1.0e-3}\n"
+                                                   "sampler: random\n"))
+    [param] = spec.params
+    first = open_study(tmp_path, spec, "minimize")
+    drawn = []
+    for _ in range(3):
+        trial = first.ask()
+        drawn.append(param.suggest(trial))
+        first.tell(trial, 1.0)
+    continued = open_study(tmp_path, spec, "minimize")  # a new driver, the same journal
+    again = [param.suggest(continued.ask()) for _ in range(3)]
+    assert not set(again) & set(drawn), f"the continued search suggested {again} again"
+    (tmp_path / "other").mkdir()
+    fresh = open_study(tmp_path / "other", spec, "minimize")  # a new search keeps the file's seed
+    assert param.suggest(fresh.ask()) == drawn[0]
+
+
+def test_refused_submissions_stop_the_search_with_one_message_and_burn_no_trial(tmp_path, monkeypatch, instant):
+    from launcher.search import driver
+
+    monkeypatch.setattr(driver, "REFUSAL_RETRY_S", 0.0, raising=False)
+    folder = new_search(tmp_path, monkeypatch, "instant", trials=6, parallel=2, extra="pruner: none\n")
+    instant["refuse"] = True
+    assert driver.Driver(folder).drive() == 1
+    stopped = _manifest(folder)["search"]["stopped"]
+    assert "3 submissions in a row were refused" in stopped and "Invalid account" in stopped
+    assert f"continue with tunefleet search {folder}" in stopped
+    trials = _study(folder).trials
+    assert len(trials) <= 2 and all(t.state.name == "RUNNING" for t in trials), "a refusal is not a result"
+    assert {r["state"] for r in _manifest(folder)["runs"]} == {"refused"}
+
+    instant["refuse"] = False  # the account fixed: continuing submits the refused trials, then the rest
+    assert driver.Driver(folder).drive() == 0
+    manifest = _manifest(folder)
+    assert "stopped" not in manifest["search"]
+    assert [r["state"] for r in manifest["runs"]] == ["finished"] * 6
+    assert [t.state.name for t in _study(folder).trials] == ["COMPLETE"] * 6
+
+
+def test_a_driver_on_another_host_is_judged_by_its_heartbeat_and_stopped_by_a_request(tmp_path, monkeypatch,
+                                                                                      instant, capsys):
+    from launcher.search import driver
+
+    folder = new_search(tmp_path, monkeypatch, "instant", trials=2, parallel=1)
+    started = []
+    monkeypatch.setattr(driver, "_start_driver", lambda f: started.append(f) or 4242)
+    gone = 2 ** 22 + 17  # a pid nothing runs under here
+    manifest = _manifest(folder)
+    manifest.update(supervisor_pid=gone, supervisor_host="login-2")
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    (folder / "driver.heartbeat").touch()  # fresh: the driver on login-2 polled just now
+    capsys.readouterr()
+    assert main(["search", str(folder)]) == 2
+    assert "still running" in capsys.readouterr().err and not started, "a second driver beside a live one"
+    assert main(["cancel", str(folder)]) == 0
+    assert "stopping the search" in capsys.readouterr().out
+    assert (folder / "driver.stop").is_file(), "cancel asks a driver on another host through the folder"
+    assert driver.Driver(folder).drive() == 0 and instant["started"] == []  # it reads the request, stops
+    assert not (folder / "driver.stop").exists()
+
+    manifest = _manifest(folder)
+    manifest.update(supervisor_pid=1, supervisor_host="login-2")  # pid 1 lives here, but means nothing
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    os.utime(folder / "driver.heartbeat", (0, 0))  # stale: that driver is dead
+    assert main(["search", str(folder)]) == 0 and started == [folder]
+
+
+def test_a_silent_squeue_is_waited_out_not_read_as_trials_ending(tmp_path, monkeypatch):
+    # A real driver process; stand-in Slurm commands on PATH (tests/fake_slurm.py) that the test
+    # makes fail while two trials run, across a driver killed and continued in the silence.
+    from launcher.search.driver import _start_driver
+    from tests.fake_slurm import FakeSlurm
+
+    slurm = FakeSlurm(tmp_path / "fake-slurm", monkeypatch)
+    folder = new_search(tmp_path, monkeypatch, "slurm", trials=4, parallel=2, extra="pruner: none\n")
+    metric = _manifest(folder)["search"]["metric"]
+
+    def finish(job: str) -> None:
+        record = next(r for r in _manifest(folder)["runs"] if r["job_id"] == job)
+        (Path(record["run_dir"]) / "metrics.json").write_text(json.dumps({"best": {"metric": metric, "value": 1.0}}))
+        slurm.set_job(job, "COMPLETED")
+
+    def running() -> list[str]:
+        return [r["job_id"] for r in _manifest(folder)["runs"] if r["state"] == "running"]
+
+    driver = _start_driver(folder)
+    assert wait_for(lambda: len(running()) == 2, 60), (folder / "search-driver.log").read_text()
+    first = running()
+    for job in first:
+        slurm.set_job(job, "RUNNING", nodes="node1")
+    slurm.squeue_down = True
+    seen = len(slurm.calls("squeue"))
+    assert wait_for(lambda: len(slurm.calls("squeue")) >= seen + 3, 30)  # it keeps asking
+    os.kill(_manifest(folder)["supervisor_pid"], signal.SIGKILL)  # and dies in the silence
+    assert wait_for(lambda: not alive(driver), 10)
+    driver = _start_driver(folder)  # continued while squeue still fails
+    seen = len(slurm.calls("squeue"))
+    assert wait_for(lambda: len(slurm.calls("squeue")) >= seen + 3, 30)
+    assert running() == first and len(slurm.calls("sbatch")) == 2, "a trial ended, or was submitted twice"
+    assert [t.state.name for t in _study(folder).trials] == ["RUNNING", "RUNNING"]
+
+    slurm.squeue_down = False
+    for job in first:
+        finish(job)
+    assert wait_for(lambda: len(running()) == 2 and running() != first, 60)
+    for job in running():
+        finish(job)
+    assert wait_for(lambda: not alive(driver), 60), (folder / "search-driver.log").read_text()
+    assert [r["state"] for r in _manifest(folder)["runs"]] == ["finished"] * 4
+    assert len(slurm.calls("sbatch")) == 4
+    log = (folder / "search-driver.log").read_text()
+    assert log.count("the scheduler did not answer") == 2 and "the scheduler answers again" in log  # once a driver

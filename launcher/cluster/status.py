@@ -221,8 +221,7 @@ def cmd_cancel(words: list[str]) -> int:
     from launcher.search.presence import driver_seen, request_stop
 
     target = _target(words)
-    sweep = gather(target)
-    manifest, rows = sweep.manifest, sweep.rows
+    manifest = read_manifest(target)
     driver = driver_seen(target, manifest) if "search" in manifest else None
     if driver and driver.running:
         # The search's driver stops its trials itself (launcher.search.driver): by a signal on its own
@@ -233,6 +232,8 @@ def cmd_cancel(words: list[str]) -> int:
         print(f"[tunefleet] stopping the search (driver {driver.describe()}): it stops the trials in flight (they "
               f"checkpoint); continue it with tunefleet search {target}")
         return 0
+    sweep = gather(target)
+    manifest, rows = sweep.manifest, sweep.rows
     live = [row for row in rows if not row.run.ended and row.record.get("job_id")]
     if not executor_for(manifest).cancel(manifest, [row.record["job_id"] for row in live]):
         print(f"[tunefleet] cancelling {len(live)} of {len(rows)} run(s); they checkpoint and stop")

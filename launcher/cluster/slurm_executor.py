@@ -51,8 +51,13 @@ def _squeue(ids: list[str]) -> dict[str, JobView]:
         job, state, reason, nodes, restarts, exit_code = fields[:6]
         views[job] = JobView(state=state.lower(), reason="" if reason in ("None", "(null)") else reason,
                              nodes="" if nodes in ("(null)", "None") else nodes,
-                             restarts=int(restarts) if restarts.isdigit() else 0, exit_code=exit_code)
+                             restarts=int(restarts) if restarts.isdigit() else 0, exit_code=_exit_code(exit_code))
     return views
+
+
+def _exit_code(raw: str) -> str:
+    """squeue gives the wait status (768 for `exit 3`); scontrol and sacct write it as CODE:SIGNAL (3:0)."""
+    return f"{int(raw) >> 8}:{int(raw) & 0x7F}" if raw.isdigit() else raw
 
 
 def _accounting(ids: list[str]) -> dict[str, JobView]:

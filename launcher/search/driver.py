@@ -6,14 +6,17 @@
 
 The search folder is a sweep folder (manifest.json, one run folder per trial), so `tunefleet status`,
 `cancel` and `collect` work on it. A detached driver process (this module) asks Optuna for trials,
-starts each as `tunefleet run` on this machine or as a single-run Slurm job (N in flight), feeds every evaluation the run writes to metrics.jsonl
+starts each as `tunefleet run` on this machine or as a single-run Slurm job (N in flight,
+launcher.search.trials), asks the scheduler once per poll about them all (a scheduler that does not
+answer is waited for, never read as trials ending), feeds every evaluation the run writes to metrics.jsonl
 to the pruner, stops a trial the pruner rejects (SIGTERM or scancel: the run checkpoints), and tells
 Optuna each finished trial's metric. The study lives in study.journal, Optuna's file journal: plain
 appends under a lock file, safe on the shared file systems clusters have, where SQLite is not.
 
 Nothing is lost when the driver dies: the journal has every trial, the manifest every run. Running
 `tunefleet search FOLDER` again starts a new driver that adopts runs still alive, restarts runs that
-died (train.resume=auto: from their newest checkpoint) and goes on until `trials` are done.
+died (train.resume=auto: from their newest checkpoint) and goes on until `trials` are done. Where
+the driver runs is recorded with a heartbeat, for commands typed on other hosts (launcher.search.presence).
 """
 
 from __future__ import annotations

@@ -120,7 +120,13 @@ def run_workers(argv: list[str], env: dict[str, str], relay_stop_signals: bool =
                                             LAUNCHER_PID_ENV: str(os.getpid())}, preexec_fn=agent_preexec())
         # Every stop signal reaches the agent as SIGTERM: torchrun forwards SIGTERM to its workers, but
         # SIGUSR1's default action would kill the agent and, with it, the workers before they checkpoint.
-        relay = (lambda signum, _: child.send_signal(signal.SIGTERM)) if relay_stop_signals else (lambda *_: None)
+        signalled = []
+
+        def relay(signum, _frame) -> None:
+            signalled.append(signum)
+            if relay_stop_signals:
+                child.send_signal(signal.SIGTERM)
+
         previous = {sig: signal.signal(sig, relay) for sig in STOP_SIGNALS}
         try:
             try:
@@ -134,7 +140,9 @@ def run_workers(argv: list[str], env: dict[str, str], relay_stop_signals: bool =
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
         status = status_file.read_text().strip() if status_file.exists() else ""
-    if status == "preempted":
+    # A stop signal that came while the agent was still starting its workers ends it before any worker
+    # could answer: nothing was trained, and the run stopped rather than failed.
+    if status == "preempted" or (signalled and not status and code != 0):
         return PREEMPTED_EXIT_CODE
     if code < 0:
         print(f"error: the accelerate launcher (pid {child.pid}) was killed by {signal.Signals(-code).name}; "

@@ -12,6 +12,8 @@ import sys
 from pathlib import Path
 from typing import Mapping
 
+from launcher.distributed.cpus import cpu_budget
+
 RUN_SCRIPT = Path(__file__).resolve().parent / "run.py"
 
 
@@ -41,8 +43,9 @@ def accelerate_command(recipe, words: list[str], *, has_gpu: bool, cpu_count: in
         if dist.backend != "deepspeed":
             # For DeepSpeed this flag would silently turn DeepSpeed off; it finds the CPU by itself.
             env["ACCELERATE_USE_CPU"] = "1"
-        # Oversubscribed CPU threads make every process several times slower.
-        cores = cpu_count or os.cpu_count() or 1
+        # Oversubscribed CPU threads make every process several times slower: each process gets its
+        # share of the cores this run was given (launcher.distributed.cpus), not of the machine's.
+        cores = cpu_count or cpu_budget(environ) or 1
         if "OMP_NUM_THREADS" not in environ:
             env["OMP_NUM_THREADS"] = str(max(1, cores // dist.num_processes))
         if "MALLOC_MMAP_THRESHOLD_" not in environ:

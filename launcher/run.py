@@ -81,6 +81,10 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _main(argv: list[str]) -> int:
+    if "WORLD_SIZE" not in os.environ:  # one process: a launcher sized the threads of multi-process runs
+        from launcher.distributed.cpus import size_threads_for_this_process
+
+        size_threads_for_this_process()
     try:
         with StopAtOnceUntilTraining():
             return _prepare_and_train(argv)

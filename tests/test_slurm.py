@@ -22,6 +22,7 @@ import torch
 from safetensors.torch import load_file
 
 from launcher.distributed.rendezvous import free_port
+from launcher.train.checkpoint import complete_checkpoints
 from tests.helpers import read_jsonl, wait_for
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -158,7 +159,7 @@ def test_a_job_warned_before_its_time_limit_checkpoints_requeues_and_matches(slu
     assert "requeueing job" in log and "restart 1" in log, log[-3000:]
     assert "resumed from" in log, log[-3000:]
     # Every node's launcher ended the first attempt with its checkpoint written, none was killed.
-    assert "node 0: checkpoint written" in log and "node 1: checkpoint written" in log
+    assert "node 0: stopped for a requeue" in log and "node 1: stopped for a requeue" in log
     assert "Terminated" not in log and "exit code" not in log
     stopped = re.search(r"checkpoint \S+/step-(\d+) written after step", log)
     assert stopped and 5 <= int(stopped.group(1)) < 60, "stopped mid-training, not at the end"
@@ -241,3 +242,64 @@ space:
     assert "pruned (step 2)" in table and table.count("finished") == 2
     assert cli(env, "collect", str(folder)).returncode == 0
     assert json.loads((folder / "search.json").read_text())["best"]["params"] == {"train.lr": 0.03}
+
+
+def _array_tasks(env, array_id: str) -> dict[str, str]:
+    """{ARRAY_TASK id: numeric job id} of the array's tasks still in the queue."""
+    out = subprocess.run(["squeue", "-h", "-r", "-j", array_id, "-o", "%i %A"], env=env, capture_output=True,
+                         text=True).stdout
+    return dict(line.split() for line in out.splitlines() if line.strip())
+
+
+def test_warning_one_array_task_leaves_the_others_alone_and_threads_follow_the_cpus_given(slurm, tiny_llama, tmp_path):
+    # In an array one task's own job id is the array's id; a warning to that task must requeue it alone.
+    env = job_env(slurm)
+    env.pop("OMP_NUM_THREADS")  # the job must size its threads itself, from the 1 CPU each task is given
+    sweep = tmp_path / "sweep"
+    done = cli(env, "submit", "recipe=lora", f"model.name={tiny_llama}", *TRAIN, "train.max_steps=200",
+               "data.max_samples=400", "train.lr=1e-3,2e-3", "cluster=local", "slurm.cpus_per_task=1",
+               f"sweep.dir={sweep}")
+    assert done.returncode == 0, done.stderr
+    array = json.loads((sweep / "manifest.json").read_text())["array_job_id"]
+    runs = [sweep / r["name"] for r in json.loads((sweep / "manifest.json").read_text())["runs"]]
+    training = lambda run: (run / "metrics.jsonl").exists() and len((run / "metrics.jsonl").read_text().splitlines()) >= 3  # noqa: E731
+    assert wait_for(lambda: all(training(r) for r in runs), 240), [p.read_text()[-2000:] for p in sweep.rglob("*.out")]
+    tasks = _array_tasks(env, array)
+    base = next(task for task, job_id in tasks.items() if job_id == array)  # the task that carries the array's id
+    other = next(task for task in tasks if task != base)
+    subprocess.run(["scancel", "--signal=USR1", "--batch", base], env=env, check=True)
+    assert wait_for(lambda: "Restarts=1" in _job(env, base), 120), _job(env, base)
+    assert wait_for(lambda: "JobState=PENDING" in _job(env, base), 60)
+    time.sleep(5)
+    subprocess.run(["scontrol", "update", f"JobId={base}", "StartTime=now"], env=env, check=True)
+    wait_state(env, sweep, {"finished"}, 300)
+    assert "Restarts=0" in _job(env, other), _job(env, other)
+    by_task = {f"{array}_{i}": run for i, run in enumerate(runs)}
+    other_log = "".join(p.read_text() for p in (by_task[other] / "slurm").glob("slurm-*.out"))
+    assert "stop request" not in other_log and "resumed from" not in other_log, other_log[-3000:]
+    base_log = "".join(p.read_text() for p in (by_task[base] / "slurm").glob("slurm-*.out"))
+    assert f"requeueing job {base}" in base_log and "resumed from" in base_log, base_log[-3000:]
+    for run in runs:
+        assert [r["step"] for r in read_jsonl(run / "metrics.jsonl") if "loss" in r][-1] == 200
+        assert json.loads((run / "ranks" / "rank0.json").read_text())["torch_threads"] == 1
+
+
+def test_a_stop_before_training_requeues_and_its_checkpoint_may_outlast_torchruns_grace(slurm, tiny_llama, tmp_path):
+    # Two processes on one node under torchrun's agent, which SIGKILLs its workers 30 s after a SIGTERM;
+    # the warning comes while they still start, and their checkpoint takes 35 s (as a large model's
+    # does on a parallel file system): the stop request reaches them as a file, not through the agent.
+    env = {**job_env(slurm), "TUNEFLEET_TEST_CHECKPOINT_SECONDS": "35"}
+    run_dir = tmp_path / "slow-checkpoint"
+    job = submit(env, "recipe=lora", f"model.name={tiny_llama}", *TRAIN, "train.global_batch_size=4",
+                 "train.max_steps=50", "train.checkpoint_every=1000", "distributed.num_processes=2", "cluster=local",
+                 f"output.dir={run_dir}")
+    log = lambda: "".join(p.read_text() for p in (run_dir / "slurm").glob("slurm-*.out"))  # noqa: E731
+    assert wait_for(lambda: f"[tunefleet] job {job} on" in log(), 120), log()
+    subprocess.run(["scancel", "--signal=USR1", "--batch", job], env=env, check=True)
+    assert wait_for(lambda: "Restarts=1" in _job(env, job), 180), log()[-4000:]
+    status = json.loads((run_dir / "status.json").read_text())
+    assert status["state"] == "interrupted" and status["step"] == 0, status  # nothing was trained
+    assert [p.name for p in complete_checkpoints(run_dir)] == ["step-00000000"]
+    text = log()
+    assert "before the first step" in text and "SIGKILL" not in text and "exit code" not in text, text[-4000:]
+    subprocess.run(["scancel", job], env=env)

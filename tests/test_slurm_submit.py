@@ -66,8 +66,8 @@ container: {{runtime: apptainer, image: /images/tunefleet.sif}}
     record = json.loads((run_dir / "submission.json").read_text())
     assert record["job_id"] == second and [e["job_id"] for e in record["earlier_jobs"]] == [first]
     # Both jobs' steps ran in the container, with the image's Python and the profile's env.
-    step = (f"exec --bind {ROOT}:{ROOT},{run_dir}:{run_dir} /images/tunefleet.sif sh -c shift; exec \"$0\" \"$@\" "
-            f"{sys.executable} {sys.executable} -m launcher.cluster.node train.resume=auto recipe=lora")
+    step = (f"exec --bind {ROOT}:{ROOT},{run_dir}:{run_dir} /images/tunefleet.sif "
+            f"{sys.executable} -m launcher.cluster.node train.resume=auto recipe=lora")
     lines = calls.read_text().splitlines()
     assert [line.startswith(step) for line in lines] == [True, False, True, False], lines
     assert lines[1] == lines[3] == "env set-without-a-shell"

@@ -1,4 +1,4 @@
-"""The batch script's share of a Slurm job: run the training step, relay stop signals, requeue.
+"""The batch script's share of a Slurm job: run the training step, pass on stop requests, requeue.
 
     exec python -m launcher.cluster.job recipe=lora ...   (the last line of slurm/*.sbatch)
 
@@ -6,22 +6,29 @@ Why Python and not bash: a bash `trap` does not run while a foreground child run
 `srun ... & wait` right (wait returns early on every trapped signal) is where hand-written scripts
 go wrong. Here:
 
-1. The job runs one task per node: `srun --ntasks-per-node=1 python -m launcher.cluster.node WORDS`.
-2. Slurm's warning before the time limit (`--signal=B:USR1@SECONDS`: B: makes it reach this
-   process only) or a SIGTERM is relayed to the step's task on every node as SIGTERM (by
-   `scancel --signal`: srun itself would terminate the step);
-   torchrun's agent forwards SIGTERM (not SIGUSR1, whose default action would kill it) to the
-   workers, which finish their step, checkpoint and exit 75. torchrun SIGKILLs workers 30 s after
-   SIGTERM, so one step plus one checkpoint must fit in 30 s; the warning must come early enough for
-   that (see slurm/README.md).
-3. A checkpoint written on a stop signal (every node's launcher exits 0 and the run's status.json
-   says interrupted) requeues the job with `scontrol requeue`, at most
-   TUNEFLEET_MAX_RESTARTS times; the requeued job continues with train.resume=auto. Any other failure
-   ends the job with that status: it is not requeued. Nor is a cancelled job: `scancel`,
-   `tunefleet cancel` or a search pruning a trial sends the same SIGTERM as a warning would, and
-   requeueing would undo the cancel. Slurm shows such a job COMPLETING; a warned job (`--signal`,
-   `scancel --signal`) is still RUNNING when it has checkpointed, and one that reached its time
-   limit is COMPLETING with Reason=TimeLimit: both are requeued.
+1. The job runs one task per node: `srun --ntasks-per-node=1 --cpus-per-task=N python -m
+   launcher.cluster.node WORDS`, N the CPUs the allocation gives each node (from Slurm 22.05 srun
+   does not take sbatch's --cpus-per-task; with a site's core binding the task would get one core).
+   The batch process runs on the allocation's first node, the rendezvous host: it picks a port that
+   is free there now and hands it to every node (TUNEFLEET_RDZV_PORT).
+2. Slurm's warning before the time limit (`--signal=B:USR1@SECONDS`, to this process only) becomes
+   a stop request: a file in the run folder (RUN/slurm/stop-request) that rank 0 reads at every step
+   boundary; the ranks agree, finish the step, checkpoint and exit 75. No signal reaches torchrun's
+   agent, so its 30 s SIGTERM-to-SIGKILL grace is not the clock: the checkpoint has the whole
+   warning (`signal_seconds`). A SIGTERM to this process is never relayed: Slurm sends its own
+   SIGTERM to every step with it (time limit, scancel, preemption), and a second one to the agent
+   crashes it; it is noted, and the request file written as well (it costs nothing).
+3. A checkpoint written on a stop (every node's launcher exits 0 and the run's status.json says
+   interrupted), or a stop that came before training began (nothing to save), requeues the job with
+   `scontrol requeue`, at most TUNEFLEET_MAX_RESTARTS times; the requeued job continues with
+   train.resume=auto. Any other failure ends the job with that status: it is not requeued. Nor is a
+   cancelled job: `scancel`, `tunefleet cancel` or a search pruning a trial ends it with SIGTERM, and
+   requeueing would undo the cancel. Slurm shows such a job COMPLETING; a warned job is still
+   RUNNING when it has checkpointed, and one that reached its time limit is COMPLETING with
+   Reason=TimeLimit: both are requeued.
+4. In a job array everything the job does to itself (requeue, looking itself up) addresses
+   ARRAYJOBID_TASKID: the bare SLURM_JOB_ID of one task is also the array's id and would act on
+   every task.
 """
 
 from __future__ import annotations
@@ -33,17 +40,23 @@ import sys
 from pathlib import Path
 
 from launcher.cluster.job_settings import JobSettings, load_job_settings
-from launcher.cluster.slurm_env import SlurmJob
+from launcher.cluster.slurm_env import (EXPECTED_GPUS_ENV, PORT_ENV, SlurmJob, allocated_cpus_per_node,
+                                        gpus_on_node)
+from launcher.distributed.rendezvous import pick_rendezvous_port
 from launcher.errors import UserError
-from launcher.train.preemption import PREEMPTED_EXIT_CODE
-
-RELAYED = (signal.SIGUSR1, signal.SIGTERM)
+from launcher.train.preemption import PREEMPTED_EXIT_CODE, STOP_FILE_ENV, STOP_REQUEST
 
 
-def step_command(words: list[str], job: SlurmJob, settings: JobSettings = JobSettings()) -> list[str]:
-    return ["srun", "--kill-on-bad-exit=1", f"--nodes={job.num_nodes}", "--ntasks-per-node=1",
+def step_command(words: list[str], job: SlurmJob, settings: JobSettings = JobSettings(),
+                 cpus_per_node: int | None = None) -> list[str]:
+    """The training step. `--cpus-per-task` hands the node's whole share of the allocation to its one
+    task. Binding is left to the site's task plugin: with --cpus-per-task set, task/affinity and
+    task/cgroup confine the task to exactly those cores, which is the policy wanted; an explicit
+    --cpu-bind would print an error line on every cluster without binding support."""
+    cpus = [f"--cpus-per-task={cpus_per_node}"] if cpus_per_node else []
+    return ["srun", "--kill-on-bad-exit=1", f"--nodes={job.num_nodes}", "--ntasks-per-node=1", *cpus,
             *settings.srun_options(), *settings.command_prefix(),
-            sys.executable, "-m", "launcher.cluster.node", *words]
+            settings.python(sys.executable), "-m", "launcher.cluster.node", *words]
 
 
 def fixed_run_folder(words: list[str], job: SlurmJob) -> tuple[list[str], Path]:
@@ -59,18 +72,22 @@ def fixed_run_folder(words: list[str], job: SlurmJob) -> tuple[list[str], Path]:
     return [*words, f"output.dir={folder}"], Path(folder)
 
 
-def stopped_for_requeue(code: int, run_dir: Path) -> bool:
-    """Whether the step ended because every rank checkpointed on a stop signal.
+def stopped_for_requeue(code: int, run_dir: Path, stop_requested: bool) -> bool:
+    """Whether the step ended because the run stopped on a stop request, to be continued.
 
     Each node's launcher exits 0 then (launcher.cluster.node), not 75: srun's --kill-on-bad-exit
     would otherwise kill the nodes still finishing their checkpoint as soon as the first one exits.
-    The run's own status.json says what happened."""
+    The run's own status.json says it was interrupted; a stop that came before training began left
+    no status of its own, so a stop this process saw, with the run not finished, counts too."""
     from launcher.outputs.status import read_status
 
-    return code == PREEMPTED_EXIT_CODE or (code == 0 and read_status(run_dir).get("state") == "interrupted")
+    if code not in (0, PREEMPTED_EXIT_CODE):
+        return False
+    state = read_status(run_dir).get("state")
+    return state == "interrupted" or code == PREEMPTED_EXIT_CODE or (stop_requested and state != "finished")
 
 
-def cancelled(job_id) -> bool:
+def cancelled(job_id: str) -> bool:
     """Whether Slurm is ending the job for a reason other than its time limit (scancel, a preemption
     that cancels). While the batch process still runs, such a job shows COMPLETING, not CANCELLED;
     one that reached its time limit shows COMPLETING with Reason=TimeLimit and is worth a requeue.
@@ -103,21 +120,55 @@ def sweep_task_words(words: list[str], environ=os.environ) -> list[str]:
     return [*words[:at], *run["words"], *words[at + 2:]]
 
 
-def signal_step(job: SlurmJob, step: subprocess.Popen) -> None:
-    """SIGTERM to the training step's task on every node, through Slurm.
+class StopRequests:
+    """Stop signals to this process, turned into the run's stop-request file (launcher.train.preemption
+    reads it at each step boundary). Installed first thing: USR1's default action would kill this
+    process, and with it the job, while it still reads the recipe."""
 
-    Not to srun itself: srun answers a SIGTERM by terminating the step, and its tasks die
-    (status 137) before they can checkpoint. `scancel --signal` delivers the signal and nothing more.
-    """
-    listed = subprocess.run(["squeue", "-h", "-s", "-j", str(job.job_id), "-o", "%i"], capture_output=True, text=True)
-    steps = [s for s in listed.stdout.split() if s.partition(".")[2].isdigit()]
-    if steps:
-        subprocess.run(["scancel", "--signal=TERM", *steps], capture_output=True, text=True)
-    else:
-        step.send_signal(signal.SIGTERM)
+    def __init__(self):
+        self.received: str | None = None
+        self.file: Path | None = None
+
+    def install(self) -> "StopRequests":
+        for sig in (signal.SIGUSR1, signal.SIGTERM):
+            signal.signal(sig, self._on_signal)
+        return self
+
+    def arm(self, file: Path) -> None:
+        """Where the request goes; one left over from an earlier attempt of the job is removed."""
+        file.parent.mkdir(parents=True, exist_ok=True)
+        if self.received is None:
+            file.unlink(missing_ok=True)
+        self.file = file
+        self._write()
+
+    def _on_signal(self, signum, _frame) -> None:
+        name = signal.Signals(signum).name
+        if self.received is None:
+            self.received = name
+            print(f"[tunefleet] {name}: asking every rank to finish its step, write a checkpoint and stop"
+                  + (" (Slurm sends SIGTERM to the step itself)" if signum == signal.SIGTERM else ""), flush=True)
+        self._write()
+
+    def _write(self) -> None:
+        if self.file is not None and self.received is not None:
+            self.file.write_text(f"{self.received}\n")
+
+
+def step_environment(job: SlurmJob, settings: JobSettings, stop_file: Path, environ=os.environ) -> dict[str, str]:
+    """The training step's environment: the job's settings, where to look for a stop request, the
+    rendezvous port chosen here on the head node, and the GPUs each node should have."""
+    env = {**environ, **settings.env, STOP_FILE_ENV: str(stop_file)}
+    if environ.get("SLURMD_NODENAME", job.head) == job.head:  # Slurm runs the batch script on the first node
+        env[PORT_ENV] = str(pick_rendezvous_port(job.job_id))
+    gpus = gpus_on_node(environ)
+    if gpus is not None:
+        env[EXPECTED_GPUS_ENV] = str(gpus)
+    return env
 
 
 def main(argv: list[str] | None = None) -> int:
+    stops = StopRequests().install()
     words = list(sys.argv[1:] if argv is None else argv)
     try:
         job = SlurmJob.from_environ()
@@ -127,33 +178,29 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return err.exit_code
     max_restarts = int(os.environ.get("TUNEFLEET_MAX_RESTARTS", "3"))
-    print(f"[tunefleet] job {job.job_id} on {job.num_nodes} node(s) {','.join(job.hosts)}, "
+    print(f"[tunefleet] job {job.self_id} on {job.num_nodes} node(s) {','.join(job.hosts)}, "
           f"restart {job.restart_count} of at most {max_restarts}", flush=True)
-    step = subprocess.Popen(step_command(words, job, settings), env={**os.environ, **settings.env})
-
-    def relay(signum, _frame) -> None:
-        print(f"[tunefleet] {signal.Signals(signum).name}: asking every rank to finish its step, write a checkpoint "
-              "and stop", flush=True)
-        signal_step(job, step)
-
-    for sig in RELAYED:
-        signal.signal(sig, relay)
+    stop_file = run_dir / "slurm" / STOP_REQUEST
+    stops.arm(stop_file)
+    step = subprocess.Popen(step_command(words, job, settings, allocated_cpus_per_node(os.environ)),
+                            env=step_environment(job, settings, stop_file))
     code = step.wait()
-    if not stopped_for_requeue(code, run_dir):
+    if not stopped_for_requeue(code, run_dir, stops.received is not None):
         print(f"[tunefleet] training step ended with status {code}", flush=True)
         return code
+    stop_file.unlink(missing_ok=True)
     code = PREEMPTED_EXIT_CODE
-    if cancelled(job.job_id):
-        print(f"[tunefleet] checkpoint written; job {job.job_id} was cancelled, so it is not requeued; submit it "
+    if cancelled(job.self_id):
+        print(f"[tunefleet] checkpoint written; job {job.self_id} was cancelled, so it is not requeued; submit it "
               "again to continue (train.resume=auto)", flush=True)
         return code
     if job.restart_count >= max_restarts:
         print(f"[tunefleet] checkpoint written, but the job has been requeued {job.restart_count} times already "
               f"(TUNEFLEET_MAX_RESTARTS={max_restarts}): not requeueing; resubmit to continue", flush=True)
         return code
-    print(f"[tunefleet] checkpoint written: requeueing job {job.job_id} (restart {job.restart_count + 1}); "
+    print(f"[tunefleet] stopped for a requeue: requeueing job {job.self_id} (restart {job.restart_count + 1}); "
           "it continues with train.resume=auto", flush=True)
-    done = subprocess.run(["scontrol", "requeue", str(job.job_id)], capture_output=True, text=True)
+    done = subprocess.run(["scontrol", "requeue", job.self_id], capture_output=True, text=True)
     if done.returncode != 0:
         print(f"error: scontrol requeue failed: {done.stderr.strip()}", file=sys.stderr)
         return code

@@ -21,11 +21,6 @@ from typing import Mapping
 
 SETTINGS_ENV = "TUNEFLEET_JOB_SETTINGS"
 SETTINGS_FILE = "job-settings.json"
-# launcher.cluster.job's step_command names the batch process's own Python (a host path) right after
-# command_prefix(); inside an image that path need not exist. This fixed line drops it and runs the
-# image's Python with the remaining words instead ($0 is the image's Python, $1 the host's). The words
-# stay positional parameters: the shell never reads them as code.
-IMAGE_PYTHON = 'shift; exec "$0" "$@"'
 
 
 @dataclass(frozen=True)
@@ -37,9 +32,6 @@ class Container:
     python: str = "python"  # the image's
     gpus: bool = False  # apptainer --nv: only when GPUs are requested
     mount_home: bool = True  # pyxis: False adds --no-container-mount-home
-
-    def image_python(self) -> list[str]:
-        return ["sh", "-c", IMAGE_PYTHON, self.python]
 
 
 @dataclass(frozen=True)
@@ -58,12 +50,14 @@ class JobSettings:
     def command_prefix(self) -> list[str]:
         """Words before `python -m launcher.cluster.node` (`apptainer exec --nv --bind ... IMAGE`)."""
         box = self.container
-        if box is None:
+        if box is None or box.runtime == "pyxis":
             return []
-        if box.runtime == "pyxis":
-            return box.image_python()
-        return ["apptainer", "exec", *(["--nv"] if box.gpus else []), "--bind", ",".join(box.mounts), box.image,
-                *box.image_python()]
+        return ["apptainer", "exec", *(["--nv"] if box.gpus else []), "--bind", ",".join(box.mounts), box.image]
+
+    def python(self, host_python: str) -> str:
+        """The Python that runs the node's launcher: the image's inside a container (the batch process's
+        own path is a host path that need not exist there), else the batch process's own."""
+        return self.container.python if self.container else host_python
 
     def to_json(self) -> str:
         return json.dumps({"env": self.env, "container": asdict(self.container) if self.container else None},

@@ -284,10 +284,11 @@ def plan(words: list[str]) -> Submission:
     script = render(template_for(profile.nodes), profile, script_words, job_name=name, python=python,
                     settings_file=folder / "slurm" / SETTINGS_FILE)
     sbatch_argv = ["sbatch", "--parsable", *sbatch_options, f"--chdir={Path.cwd()}", str(folder / "slurm" / "job.sbatch")]
-    step = shlex.join(["srun", "--ntasks-per-node=1", *settings.srun_options(), *settings.command_prefix(), python])
+    step = shlex.join(["srun", "--ntasks-per-node=1", *settings.srun_options(), *settings.command_prefix(),
+                       settings.python(python)])
     node_preview = (f"{step} -m launcher.cluster.node " + shlex.join(["train.resume=auto", *runs[0].words])
                     + " distributed.machine_rank=$SLURM_NODEID distributed.main_process_ip=<first node>"
-                      " distributed.main_process_port=<20000 + job id % 20000>")
+                      " distributed.main_process_port=<a port free on the first node>")
     return Submission(profile, runs, sweep_dir, script, sbatch_argv, node_preview, options.dry_run, options,
                       settings, earlier, python)
 

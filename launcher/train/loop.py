@@ -10,6 +10,7 @@ RUN/status.json (running, interrupted, finished, failed).
 from __future__ import annotations
 
 import gc
+import os
 import time
 from pathlib import Path
 
@@ -75,8 +76,17 @@ def _checkpoint(run: Run, state: dict) -> Path:
                      "recipe": run.recipe.model_dump(mode="json"), "backend": run.backend.resume_fingerprint(),
                      "data_key": _data_key(run), "total_steps": run.total_steps}
     path = save_checkpoint(run, state["step"], trainer_state, keep=run.recipe.train.keep_checkpoints)
+    _slow_checkpoint_for_tests()
     publish_best(run, state)
     return path
+
+
+def _slow_checkpoint_for_tests() -> None:
+    """Fault injection: TUNEFLEET_TEST_CHECKPOINT_SECONDS makes each checkpoint take that much longer, as a
+    large model's does on a parallel file system (tests of the stop budget under Slurm; never set it)."""
+    seconds = float(os.environ.get("TUNEFLEET_TEST_CHECKPOINT_SECONDS", "0") or 0)
+    if seconds > 0:
+        time.sleep(seconds)
 
 
 def _checkpoint_and_maybe_stop(run: Run, state: dict, stop: StopFlag, log: MetricsLog) -> Path | None:

@@ -1,18 +1,26 @@
-"""Graceful stop on SIGTERM/SIGUSR1, what Slurm sends before preemption or the time limit.
+"""Graceful stop on SIGTERM/SIGUSR1 or a stop-request file: what precedes preemption or a time limit.
 
 The handler only records the signal. After each optimizer step the ranks agree (one tiny
 all-reduce) whether any of them was signalled; then every rank has finished the same step,
 a checkpoint is written, and the process exits with PREEMPTED_EXIT_CODE so that a scheduler
 (or the sbatch script) can requeue the job, which resumes with train.resume=auto.
+
+Inside a Slurm job the warning before the time limit arrives as a file instead
+(launcher.cluster.job writes it; TUNEFLEET_STOP_FILE names it), which rank 0 reads at the same
+point. A signal would have to pass torchrun's agent, which SIGKILLs its workers 30 s after a
+SIGTERM however long their checkpoint takes; a file leaves the checkpoint the whole warning.
 """
 
 from __future__ import annotations
 
+import os
 import signal
 
 # EX_TEMPFAIL from sysexits.h: "temporary failure, the user is invited to retry".
 PREEMPTED_EXIT_CODE = 75
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+STOP_FILE_ENV = "TUNEFLEET_STOP_FILE"
+STOP_REQUEST = "stop-request"  # the file's name in RUN/slurm/
 
 
 class Preempted(Exception):
@@ -25,6 +33,7 @@ class StopFlag:
     def __init__(self):
         self.signal_name: str | None = None
         self._previous = {}
+        self.stop_file = os.environ.get(STOP_FILE_ENV) or None
 
     def install(self) -> "StopFlag":
         for sig in STOP_SIGNALS:
@@ -41,10 +50,22 @@ class StopFlag:
     def any_rank_stopping(self, accelerator) -> bool:
         import torch
 
+        # Rank 0 alone looks (one stat per step, not one per rank on a shared file system); the
+        # all-reduce below tells the others.
+        if self.signal_name is None and self.stop_file and accelerator.is_main_process and \
+                os.path.exists(self.stop_file):
+            self.signal_name = "stop request (" + (_read(self.stop_file) or "from the batch process") + ")"
         flag = torch.tensor([1.0 if self.signal_name else 0.0], device=accelerator.device)
         if accelerator.num_processes > 1:
             torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
         return bool(flag.item())
+
+
+def _read(path: str) -> str:
+    try:
+        return open(path).read().strip()
+    except OSError:
+        return ""
 
 
 class StoppedBeforeTraining(BaseException):

@@ -61,6 +61,8 @@ def write_rank_summary(run: Run, steps: int, full_state: dict) -> None:
         "total_param_elements": run.total_params,
         # What the artifact gathered to this process (sharded backends: the main process only).
         "gathered_elements": sum(t.numel() for t in (full_state or {}).values()),
+        # The CPU threads this rank trained with (sized from what the scheduler gave it: launcher.distributed.cpus).
+        "torch_threads": torch.get_num_threads(),
     }
     folder = run.run_dir / "ranks"
     folder.mkdir(parents=True, exist_ok=True)

@@ -1,0 +1,125 @@
+"""The Slurm job's own decisions, without a cluster: which id a job acts on, what its training step is
+given (CPUs, a rendezvous port free on the head node, the GPUs each node must have), how a stop
+request reaches rank 0, and when a stopped step is requeued. The same paths run against the real
+local Slurm in tests/test_slurm.py and tests/test_slurm_sites.py."""
+
+import socket
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+from launcher.cluster.job import StopRequests, step_command, step_environment, stopped_for_requeue
+from launcher.cluster.job_settings import JobSettings
+from launcher.cluster.node import gpu_processes
+from launcher.cluster.slurm_env import (EXPECTED_GPUS_ENV, PORT_ENV, SlurmJob, allocated_cpus_per_node,
+                                        gpus_on_node)
+from launcher.distributed.cpus import CPU_BUDGET_ENV, cpu_budget, threads_per_process
+from launcher.distributed.rendezvous import LOWEST_PORT, ephemeral_range, pick_rendezvous_port
+from launcher.errors import UserError
+from launcher.outputs.status import write_status
+from launcher.train.preemption import STOP_FILE_ENV, StopFlag
+
+JOB = SlurmJob(job_id=41, node_id=0, hosts=("node1", "node2"), restart_count=0)
+
+
+def test_an_array_task_acts_on_itself_and_not_on_the_whole_array():
+    # In an array one task's SLURM_JOB_ID equals SLURM_ARRAY_JOB_ID: that bare id is the whole array.
+    base_task = SlurmJob(job_id=40, node_id=0, hosts=("node1",), restart_count=0, array_job_id=40, array_task_id=1)
+    assert base_task.self_id == "40_1"
+    assert SlurmJob(job_id=41, node_id=0, hosts=("node1",), restart_count=0).self_id == "41"
+
+
+def test_the_step_gets_the_allocations_cpus_per_node():
+    assert allocated_cpus_per_node({"SLURM_CPUS_PER_TASK": "16", "SLURM_JOB_CPUS_PER_NODE": "64(x2)"}) == 16
+    assert allocated_cpus_per_node({"SLURM_JOB_CPUS_PER_NODE": "72(x2),36"}) == 36
+    assert allocated_cpus_per_node({}) is None
+    argv = step_command(["recipe=lora"], JOB, JobSettings(), cpus_per_node=36)
+    assert argv[:5] == ["srun", "--kill-on-bad-exit=1", "--nodes=2", "--ntasks-per-node=1", "--cpus-per-task=36"]
+    assert argv[5:8] == [sys.executable, "-m", "launcher.cluster.node"]
+    assert not any(a.startswith("--cpus-per-task") for a in step_command([], JOB, JobSettings(), None))
+
+
+def test_threads_follow_the_cpus_a_run_was_given():
+    assert cpu_budget({"SLURM_CPUS_PER_TASK": "1"}) == 1
+    assert cpu_budget({CPU_BUDGET_ENV: "1"}) == 1
+    assert cpu_budget({}) >= 1
+    assert threads_per_process(2, {"SLURM_CPUS_PER_TASK": "16"}) == max(1, min(16, cpu_budget({})) // 2)
+    from launcher.cluster.local_executor import share_of_cpus
+
+    assert share_of_cpus(2, {})[CPU_BUDGET_ENV] == str(max(1, cpu_budget({}) // 2))
+
+
+def test_the_rendezvous_port_is_free_on_the_head_and_outside_the_ephemeral_range():
+    port = pick_rendezvous_port(12345)
+    assert LOWEST_PORT <= port < ephemeral_range()[0]
+    with socket.socket() as taken:  # another job (or any connection) holds it now: the next candidate
+        taken.bind(("", port))
+        other = pick_rendezvous_port(12345)
+        assert other != port and LOWEST_PORT <= other < ephemeral_range()[0]
+    env = step_environment(JOB, JobSettings(env={"NCCL_SOCKET_IFNAME": "ib0"}), Path("/x/stop"),
+                           {"SLURMD_NODENAME": "node1", "SLURM_GPUS_ON_NODE": "8"})
+    assert env[PORT_ENV].isdigit() and env["NCCL_SOCKET_IFNAME"] == "ib0" and env[STOP_FILE_ENV] == "/x/stop"
+    assert env[EXPECTED_GPUS_ENV] == "8"
+    assert JOB.port({PORT_ENV: env[PORT_ENV]}) == int(env[PORT_ENV])
+    # Not on the head node (never the case for a batch script): no port is picked there.
+    assert PORT_ENV not in step_environment(JOB, JobSettings(), Path("/x"), {"SLURMD_NODENAME": "node2"})
+
+
+def test_gpus_given_by_slurm_set_the_processes_per_node_and_mismatches_name_the_node():
+    assert gpus_on_node({"SLURM_GPUS_ON_NODE": "8", "CUDA_VISIBLE_DEVICES": "0,1"}) == 8
+    assert gpus_on_node({"CUDA_VISIBLE_DEVICES": "0,1,2,3"}) == 4
+    assert gpus_on_node({"CUDA_VISIBLE_DEVICES": ""}) == 0 and gpus_on_node({}) is None
+    assert gpu_processes(["recipe=lora_zero3"], 8, 8, 8, "gpu7") == 8  # the recipe's 2 (for CPU) gives way
+    assert gpu_processes(["distributed.num_processes=8"], 8, None, 8, "gpu7") == 8
+    assert gpu_processes([], None, None, 4, "gpu7") == 4  # a site without GPU scheduling: what CUDA sees
+    assert gpu_processes([], 0, 0, None, "cpu1") is None and gpu_processes([], None, None, None, "cpu1") is None
+    with pytest.raises(UserError, match="node gpu7 was given 8 GPU.* CUDA is not available"):
+        gpu_processes([], 8, 8, None, "gpu7")
+    with pytest.raises(UserError, match="node gpu9 was given 4 GPU.*the head node 8"):
+        gpu_processes([], 4, 8, 4, "gpu9")
+    with pytest.raises(UserError, match="num_processes=2, but node gpu7 was given 8"):
+        gpu_processes(["distributed.num_processes=2"], 8, 8, 8, "gpu7")
+    with pytest.raises(UserError, match="CUDA sees 2"):
+        gpu_processes([], 8, 8, 2, "gpu7")
+
+
+class FakeAccelerator(SimpleNamespace):
+    device = "cpu"
+    num_processes = 1
+
+
+@pytest.mark.parametrize("main", [True, False])
+def test_a_stop_request_file_is_read_by_rank_0_at_the_step_boundary(tmp_path, monkeypatch, main):
+    request = tmp_path / "slurm" / "stop-request"
+    monkeypatch.setenv(STOP_FILE_ENV, str(request))
+    flag = StopFlag()
+    accelerator = FakeAccelerator(is_main_process=main)
+    assert not flag.any_rank_stopping(accelerator)
+    stops = StopRequests()
+    stops.arm(request)  # the batch process, before any signal: nothing written
+    assert not request.exists()
+    stops._on_signal(10, None)  # SIGUSR1
+    assert request.read_text().strip() == "SIGUSR1"
+    # Rank 0 sees it; another rank learns it from rank 0 through the all-reduce, never from the file.
+    assert flag.any_rank_stopping(accelerator) is main
+    if main:
+        assert flag.signal_name == "stop request (SIGUSR1)"
+
+
+def test_an_earlier_attempts_stop_request_is_cleared_when_the_job_starts(tmp_path):
+    request = tmp_path / "stop-request"
+    request.write_text("SIGUSR1\n")
+    StopRequests().arm(request)
+    assert not request.exists()
+
+
+def test_a_stopped_step_is_requeued_when_the_run_stopped_and_not_when_it_finished_or_failed(tmp_path):
+    assert not stopped_for_requeue(0, tmp_path, stop_requested=False)  # finished without status: nothing to do
+    assert stopped_for_requeue(0, tmp_path, stop_requested=True)  # stopped before training began: no status
+    write_status(tmp_path, "interrupted", step=3)
+    assert stopped_for_requeue(0, tmp_path, stop_requested=False)
+    write_status(tmp_path, "finished")
+    assert not stopped_for_requeue(0, tmp_path, stop_requested=True)  # the stop came after the end
+    assert not stopped_for_requeue(1, tmp_path, stop_requested=True)  # a failure is never requeued

@@ -126,9 +126,14 @@ AccountingStorageType=accounting_storage/none
 JobAcctGatherType=jobacct_gather/none
 # No mail on this machine (the default, /bin/mail, is missing: slurmctld logs an error at each start).
 MailProg=/bin/true
+# Two stand-in GPUs per node (type "fake"), so that GPU requests (--gpus-per-node=2, fake:2) are
+# scheduled as at a GPU site: Slurm sets SLURM_GPUS_ON_NODE and CUDA_VISIBLE_DEVICES in the job.
+# Their device files are /dev/null and /dev/zero (gres.conf); there is no CUDA behind them.
+GresTypes=gpu
 EOF
+    printf 'AutoDetect=off\nName=gpu Type=fake File=/dev/null\nName=gpu Type=fake File=/dev/zero\n' >"$DIR/gres.conf"
     for node in "${NODES[@]}"; do
-      echo "NodeName=$node NodeAddr=127.0.0.1 Port=$port CPUs=$NODE_CPUS RealMemory=4000 State=UNKNOWN"
+      echo "NodeName=$node NodeAddr=127.0.0.1 Port=$port CPUs=$NODE_CPUS RealMemory=4000 Gres=gpu:fake:2 State=UNKNOWN"
       port=$((port + 1))
     done
     local IFS=,

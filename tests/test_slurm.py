@@ -303,3 +303,17 @@ def test_a_stop_before_training_requeues_and_its_checkpoint_may_outlast_torchrun
     text = log()
     assert "before the first step" in text and "SIGKILL" not in text and "exit code" not in text, text[-4000:]
     subprocess.run(["scancel", job], env=env)
+
+
+def test_gpus_asked_for_where_cuda_is_missing_stop_the_run_at_once_naming_the_node(slurm, tiny_llama, tmp_path):
+    # The local cluster schedules two stand-in GPUs per node (gres type "fake"): Slurm sets
+    # SLURM_GPUS_ON_NODE and CUDA_VISIBLE_DEVICES as at a GPU site, but there is no CUDA behind them.
+    env = job_env(slurm)
+    run_dir = tmp_path / "gpu-run"
+    job = submit(env, "recipe=lora", f"model.name={tiny_llama}", *TRAIN, "train.max_steps=3", "cluster=local",
+                 "slurm.gpus_per_node=fake:2", f"output.dir={run_dir}")
+    assert wait_for(lambda: "JobState=FAILED" in _job(env, job), 120), _job(env, job)
+    log = "".join(p.read_text() for p in (run_dir / "slurm").glob("slurm-*.out"))
+    assert "node node1 was given 2 GPU(s) but CUDA is not available there" in log, log[-3000:]
+    assert "Restarts=0" in _job(env, job) and not (run_dir / "metrics.jsonl").exists()
+    assert "#SBATCH --gpus-per-node=fake:2" in (run_dir / "slurm" / "job.sbatch").read_text()

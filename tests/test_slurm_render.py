@@ -106,3 +106,13 @@ def test_each_node_reads_its_own_place_in_the_job():
     assert words[1:] == ["distributed.num_machines=2", "distributed.machine_rank=1",
                          "distributed.main_process_ip=node1", f"distributed.main_process_port={rendezvous_port(1234)}"]
     assert rendezvous_port(1234) != rendezvous_port(1235) and 20000 <= rendezvous_port(10**9) < 40000
+
+
+def test_a_typed_gpu_request_reaches_sbatch_and_sets_the_processes_per_node(tmp_path):
+    sub = plan(["recipe=lora", "cluster=example", "slurm.gpus_per_node=h100:8", "train.global_batch_size=64",
+                f"output.dir={tmp_path}/r"])
+    assert "#SBATCH --gpus-per-node=h100:8" in sub.script.splitlines()
+    assert "distributed.num_processes=8" in sub.runs[0].words
+    with pytest.raises(UserError, match="'eight' is not a GPU count"):
+        load_profile(None, [("gpus_per_node", "eight")])
+    assert "#SBATCH --gpus-per-node" not in plan(["recipe=lora", "cluster=local", f"output.dir={tmp_path}/s"]).script

@@ -77,6 +77,10 @@ def check_mount(mount: str) -> str:
     return mount
 
 
+# --gpus-per-node takes a count or TYPE:COUNT (a site's gres type names, e.g. h100, a100_80g).
+GPU_REQUEST = re.compile(r"^(?:([A-Za-z0-9_.-]+):)?(\d+)$")
+
+
 class ClusterProfile(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
@@ -85,8 +89,9 @@ class ClusterProfile(BaseModel):
     account: Optional[str] = Field(None, description="Account charged for the job (--account).")
     qos: Optional[str] = Field(None, description="Quality of service (--qos).")
     nodes: int = Field(1, ge=1, description="Nodes per run (--nodes); becomes distributed.num_machines.")
-    gpus_per_node: int = Field(0, ge=0, description="GPUs per node (--gpus-per-node); also the processes per node. "
-                                                    "0: a CPU cluster, processes per node from the recipe.")
+    gpus_per_node: str = Field("0", description="GPUs per node (--gpus-per-node), a count or TYPE:COUNT such as "
+                                                 "h100:8; also the processes per node. 0: a CPU cluster, processes "
+                                                 "per node from the recipe.")
     cpus_per_task: Optional[int] = Field(None, ge=1, description="CPU cores for each node's launcher and its processes.")
     mem: Optional[str] = Field(None, description="Memory per node (--mem), e.g. 200G; 0: all of the node's.")
     time: str = Field("04:00:00", description="Time limit (--time); the run checkpoints and requeues before it.")
@@ -119,6 +124,18 @@ class ClusterProfile(BaseModel):
             raise ValueError(f"{value!r} holds characters a #SBATCH value may not (spaces, quotes, $, ;, newlines)"
                              if value else "is empty; give a value or leave the key out")
         return value
+
+    @field_validator("gpus_per_node")
+    @classmethod
+    def _gpus(cls, value: str) -> str:
+        if not GPU_REQUEST.match(value):
+            raise ValueError(f"{value!r} is not a GPU count (8) or TYPE:COUNT (h100:8)")
+        return value
+
+    @property
+    def gpu_count(self) -> int:
+        """GPUs per node, whatever their type: the processes per node."""
+        return int(GPU_REQUEST.match(self.gpus_per_node).group(2))
 
     @field_validator("sbatch")
     @classmethod

@@ -54,7 +54,7 @@ def profile_directives(profile: ClusterProfile, job_name: str) -> dict[str, str 
     for option, value in (("--partition", profile.partition), ("--account", profile.account), ("--qos", profile.qos),
                           ("--mem", profile.mem), ("--constraint", profile.constraint),
                           ("--cpus-per-task", profile.cpus_per_task),
-                          ("--gpus-per-node", profile.gpus_per_node or None)):
+                          ("--gpus-per-node", profile.gpus_per_node if profile.gpu_count else None)):
         if value is not None:
             options[option] = str(value)
     for extra in profile.sbatch:

@@ -112,8 +112,8 @@ def split_submit_words(words: list[str]) -> tuple[list[str], SubmitOptions]:
 
 def _layout(profile: ClusterProfile) -> list[str]:
     layout = [f"distributed.num_machines={profile.nodes}"]
-    if profile.gpus_per_node:
-        layout.append(f"distributed.num_processes={profile.gpus_per_node}")
+    if profile.gpu_count:
+        layout.append(f"distributed.num_processes={profile.gpu_count}")
     return layout
 
 
@@ -241,7 +241,7 @@ def job_settings(profile: ClusterProfile, folder: Path) -> JobSettings:
     mounts += [m if ":" in m else f"{m}:{m}" for m in box.mounts]
     return JobSettings(env=dict(profile.env), container=Container(
         runtime=box.runtime, image=box.image, mounts=tuple(mounts), workdir=str(workdir),
-        python=profile.python or "python", gpus=profile.gpus_per_node > 0, mount_home=box.mount_home))
+        python=profile.python or "python", gpus=profile.gpu_count > 0, mount_home=box.mount_home))
 
 
 def array_option(indices: list[int], cap: int | None) -> str:

@@ -248,11 +248,11 @@ def plan_command(argv: list[str]) -> int:
     layout = []
     if profile is not None:
         layout = [f"distributed.num_machines={profile.nodes}"]
-        if profile.gpus_per_node:
-            layout.append(f"distributed.num_processes={profile.gpus_per_node}")
+        if profile.gpu_count:
+            layout.append(f"distributed.num_processes={profile.gpu_count}")
         if profile.nodes > 1:
             layout.append("distributed.main_process_ip=127.0.0.1")  # filled in per job; only the shape matters here
-    gpu = force_gpu or bool(profile and profile.gpus_per_node) or shutil.which("nvidia-smi") is not None
+    gpu = force_gpu or bool(profile and profile.gpu_count) or shutil.which("nvidia-smi") is not None
     budget_text = device_memory or (profile.device_memory if profile else None)
     budget = parse_size(budget_text) if budget_text else None
 

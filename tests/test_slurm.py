@@ -317,3 +317,43 @@ def test_gpus_asked_for_where_cuda_is_missing_stop_the_run_at_once_naming_the_no
     assert "node node1 was given 2 GPU(s) but CUDA is not available there" in log, log[-3000:]
     assert "Restarts=0" in _job(env, job) and not (run_dir / "metrics.jsonl").exists()
     assert "#SBATCH --gpus-per-node=fake:2" in (run_dir / "slurm" / "job.sbatch").read_text()
+
+
+def _field(env, job: str, name: str) -> str:
+    found = re.search(rf"\b{name}=(\S*)", _job(env, job))
+    return found.group(1) if found else ""
+
+
+def _start_now_when_pending(env, job: str, restarts: int, timeout: float = 120) -> None:
+    """Wait for the job's requeue number `restarts`, then skip Slurm's ~2 minute hold before it may run again."""
+    assert wait_for(lambda: f"Restarts={restarts}" in _job(env, job) and "JobState=PENDING" in _job(env, job),
+                    timeout), _job(env, job)
+    time.sleep(5)
+    subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], env=env, check=True)
+
+
+def test_a_machine_failure_is_retried_without_its_node_and_a_hang_is_ended_and_retried(slurm, tiny_llama, tmp_path):
+    # Injected (tunefleet's fault hooks; no NCCL or GPU here): attempt 0 raises the NCCL error of a broken
+    # link after step 3, attempt 1 stops making progress after step 5; attempt 2 trains to the end.
+    env = {**job_env(slurm), "TUNEFLEET_TEST_FAULT": "nccl@3/0,hang@5/1"}
+    run_dir = tmp_path / "flaky"
+    job = submit(env, "recipe=lora", f"model.name={tiny_llama}", *TRAIN, "train.max_steps=20",
+                 "train.checkpoint_every=2", "cluster=local", "slurm.retries=2", "slurm.hang_minutes=0.25",
+                 f"output.dir={run_dir}")
+    _start_now_when_pending(env, job, 1)
+    first = json.loads((run_dir / "slurm" / "retries.json").read_text())[0]
+    assert first["kind"] == "NCCL failure" and len(first["nodes"]) == 1, first
+    bad = first["nodes"][0]
+    assert wait_for(lambda: _field(env, job, "ExcNodeList") == bad, 60), _job(env, job)  # the exclusion job did it
+    _start_now_when_pending(env, job, 2)
+    assert _field(env, job, "ExcNodeList") == bad
+    subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], env=env)
+    wait_state(env, run_dir, {"finished", "failed"}, 240)
+    retries = json.loads((run_dir / "slurm" / "retries.json").read_text())
+    assert [r["kind"] for r in retries] == ["NCCL failure", "hang"], retries
+    assert _field(env, job, "NodeList") != bad and "Restarts=2" in _job(env, job)
+    log = "".join(p.read_text() for p in (run_dir / "slurm").glob("slurm-*.out"))
+    assert f"the next attempt runs without {bad}" in log and "no new step for" in log, log[-4000:]
+    assert json.loads((run_dir / "status.json").read_text())["state"] == "finished"
+    steps = [r["step"] for r in read_jsonl(run_dir / "metrics.jsonl") if "loss" in r]
+    assert steps[-1] == 20 and log.count("resumed from") == 2

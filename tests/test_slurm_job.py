@@ -3,6 +3,7 @@ given (CPUs, a rendezvous port free on the head node, the GPUs each node must ha
 request reaches rank 0, and when a stopped step is requeued. The same paths run against the real
 local Slurm in tests/test_slurm.py and tests/test_slurm_sites.py."""
 
+import os
 import socket
 import sys
 from pathlib import Path
@@ -13,6 +14,9 @@ import pytest
 from launcher.cluster.job import StopRequests, step_command, step_environment, stopped_for_requeue
 from launcher.cluster.job_settings import JobSettings
 from launcher.cluster.node import gpu_processes
+from launcher.cluster.retry import (InfrastructureFailure, diagnose, exclusion_command, past_retries,
+                                    record_retry)
+from launcher.cluster.watchdog import last_progress, wait_for_step
 from launcher.cluster.slurm_env import (EXPECTED_GPUS_ENV, PORT_ENV, SlurmJob, allocated_cpus_per_node,
                                         gpus_on_node)
 from launcher.distributed.cpus import CPU_BUDGET_ENV, cpu_budget, threads_per_process
@@ -123,3 +127,70 @@ def test_a_stopped_step_is_requeued_when_the_run_stopped_and_not_when_it_finishe
     write_status(tmp_path, "finished")
     assert not stopped_for_requeue(0, tmp_path, stop_requested=True)  # the stop came after the end
     assert not stopped_for_requeue(1, tmp_path, stop_requested=True)  # a failure is never requeued
+
+
+SRUN_FAILED = "srun: error: node2: task 1: Exited with exit code 1\nsrun: error: node1: task 0: Killed\n"
+
+
+@pytest.mark.parametrize("output, kind", [
+    ("torch.distributed.DistBackendError: NCCL error in: ProcessGroupNCCL.cpp:1970, unhandled system error", "NCCL failure"),
+    ("[Rank 3] Watchdog caught collective operation timeout: WorkNCCL(SeqNum=7, OpType=ALLREDUCE)", "NCCL failure"),
+    ("RuntimeError: CUDA error: uncorrectable ECC error encountered", "GPU fault"),
+    ("torch.distributed.DistNetworkError: Connection reset by peer", "network failure"),
+    ("srun: error: Node failure on node2", "node failure"),
+])
+def test_failures_of_the_machine_are_told_from_the_recipes(output, kind):
+    failure = diagnose(f"[tunefleet] training ...\n{output}\n{SRUN_FAILED}", code=1)
+    assert failure is not None and failure.kind == kind and output.split(":")[0] in failure.evidence
+    assert failure.nodes == (("node2",) if "Node failure" not in output else ("node2",))
+
+
+@pytest.mark.parametrize("output, code", [
+    ("error: data.train=rows.jsonl does not exist", 2),  # a UserError, whatever else the log holds
+    ("NCCL error in: ... (a UserError's exit status wins)", 2),
+    ("RuntimeError: mat1 and mat2 shapes cannot be multiplied (4x64 and 32x64)", 1),  # the recipe's model
+    ("torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB", 1),  # the recipe's sizes
+    ("NCCL error in: ...", 0),  # it finished
+])
+def test_a_users_error_is_never_taken_for_the_machines(output, code):
+    assert diagnose(f"{output}\n{SRUN_FAILED}", code) is None
+
+
+def test_the_exclusion_job_runs_where_the_job_ran_and_names_no_shell_code(tmp_path):
+    argv = exclusion_command("41_3", ("node2",), tmp_path, {"SLURM_JOB_PARTITION": "gpu", "SLURM_JOB_ACCOUNT": "p1"})
+    assert argv[:2] == ["sbatch", "--parsable"] and "--partition=gpu" in argv and "--account=p1" in argv
+    wrap = next(a for a in argv if a.startswith("--wrap="))
+    assert wrap.endswith("-m launcher.cluster.retry exclude 41_3 node2")
+    assert f"--output={tmp_path / 'slurm' / 'exclude-%j.out'}" in argv
+
+
+def test_retries_are_recorded_across_attempts(tmp_path):
+    failure = diagnose("NCCL error in: x\n" + SRUN_FAILED, 1)
+    record_retry(tmp_path, "41", 0, failure)
+    record_retry(tmp_path, "41", 1, InfrastructureFailure("hang", "no new step for 1800 s", ()))
+    assert [(r["kind"], r["restart"], r["nodes"]) for r in past_retries(tmp_path)] == [
+        ("NCCL failure", 0, ["node2"]), ("hang", 1, [])]
+
+
+def test_the_watchdog_watches_training_only_and_ends_a_step_without_progress(tmp_path):
+    import subprocess
+    import threading
+    import time
+
+    (tmp_path / "status.json").write_text("{}")  # an earlier attempt's: not this attempt's progress
+    assert last_progress(tmp_path, time.time() + 1) is None
+    killed = []
+    loading = subprocess.Popen(["sleep", "1"])  # outlives the limit, but never began training
+    assert wait_for_step(loading, tmp_path, 0.2, lambda: killed.append(1), poll=0.05) == (0, None) and not killed
+    hung = subprocess.Popen(["sleep", "30"])
+    # This attempt writes its status (training began), then nothing moves.
+    threading.Timer(0.1, lambda: os.utime(tmp_path / "status.json")).start()
+    code, idle = wait_for_step(hung, tmp_path, 0.5, lambda: (killed.append(1), hung.kill()), poll=0.05)
+    assert killed and idle > 0.5 and code != 0
+    assert wait_for_step(subprocess.Popen(["true"]), tmp_path, 0, lambda: None) == (0, None)
+
+
+def test_job_settings_carry_the_retry_budget_and_the_hang_limit():
+    settings = JobSettings(env={"A": "1"}, retries=1, hang_seconds=90.0)
+    assert JobSettings.from_json(settings.to_json()) == settings
+    assert JobSettings.from_json('{"env": {}}') == JobSettings()

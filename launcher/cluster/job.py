@@ -26,7 +26,11 @@ go wrong. Here:
    requeueing would undo the cancel. Slurm shows such a job COMPLETING; a warned job is still
    RUNNING when it has checkpointed, and one that reached its time limit is COMPLETING with
    Reason=TimeLimit: both are requeued.
-4. In a job array everything the job does to itself (requeue, looking itself up) addresses
+4. A step that failed for a reason not the recipe's (NCCL, GPU, network or node failure in its
+   output; launcher.cluster.retry) is requeued up to `retries` times without the node it failed on,
+   and a step that shows no new step for `hang_seconds` is killed and retried the same way
+   (launcher.cluster.watchdog). A user error is never retried.
+5. In a job array everything the job does to itself (requeue, looking itself up) addresses
    ARRAYJOBID_TASKID: the bare SLURM_JOB_ID of one task is also the array's id and would act on
    every task.
 """
@@ -40,8 +44,11 @@ import sys
 from pathlib import Path
 
 from launcher.cluster.job_settings import JobSettings, load_job_settings
+from launcher.cluster.retry import (RETRIES_FILE, InfrastructureFailure, JobLog, diagnose, exclusion_command,
+                                    past_retries, record_retry)
 from launcher.cluster.slurm_env import (EXPECTED_GPUS_ENV, PORT_ENV, SlurmJob, allocated_cpus_per_node,
                                         gpus_on_node)
+from launcher.cluster.watchdog import kill_step_of, wait_for_step
 from launcher.distributed.rendezvous import pick_rendezvous_port
 from launcher.errors import UserError
 from launcher.train.preemption import PREEMPTED_EXIT_CODE, STOP_FILE_ENV, STOP_REQUEST
@@ -182,13 +189,22 @@ def main(argv: list[str] | None = None) -> int:
           f"restart {job.restart_count} of at most {max_restarts}", flush=True)
     stop_file = run_dir / "slurm" / STOP_REQUEST
     stops.arm(stop_file)
+    log = JobLog.here()
     step = subprocess.Popen(step_command(words, job, settings, allocated_cpus_per_node(os.environ)),
                             env=step_environment(job, settings, stop_file))
-    code = step.wait()
-    if not stopped_for_requeue(code, run_dir, stops.received is not None):
+    code, idle = wait_for_step(step, run_dir, settings.hang_seconds, lambda: kill_step_of(job.self_id))
+    if idle is None and stopped_for_requeue(code, run_dir, stops.received is not None):
+        stop_file.unlink(missing_ok=True)
+        return requeue_after_stop(job, max_restarts)
+    failure = (InfrastructureFailure("hang", f"no new step for {idle:.0f} s (slurm.hang_minutes)", ())
+               if idle is not None else diagnose(log.since(), code))
+    if failure is None:
         print(f"[tunefleet] training step ended with status {code}", flush=True)
         return code
-    stop_file.unlink(missing_ok=True)
+    return retry_after_failure(job, run_dir, settings, failure, code or 1)
+
+
+def requeue_after_stop(job: SlurmJob, max_restarts: int) -> int:
     code = PREEMPTED_EXIT_CODE
     if cancelled(job.self_id):
         print(f"[tunefleet] checkpoint written; job {job.self_id} was cancelled, so it is not requeued; submit it "
@@ -200,11 +216,36 @@ def main(argv: list[str] | None = None) -> int:
         return code
     print(f"[tunefleet] stopped for a requeue: requeueing job {job.self_id} (restart {job.restart_count + 1}); "
           "it continues with train.resume=auto", flush=True)
+    return 0 if requeue(job) else code
+
+
+def retry_after_failure(job: SlurmJob, run_dir: Path, settings: JobSettings, failure: InfrastructureFailure,
+                        code: int) -> int:
+    where = f" on {', '.join(failure.nodes)}" if failure.nodes else ""
+    print(f"[tunefleet] {failure.kind}{where}, not the recipe's: {failure.evidence}", flush=True)
+    spent = len(past_retries(run_dir))
+    if cancelled(job.self_id):
+        print(f"[tunefleet] job {job.self_id} was cancelled: not retried", flush=True)
+        return code
+    if spent >= settings.retries:
+        print(f"[tunefleet] not retried: {spent} retr{'y' if spent == 1 else 'ies'} spent already (slurm.retries="
+              f"{settings.retries}); see RUN/slurm/{RETRIES_FILE}", flush=True)
+        return code
+    record_retry(run_dir, job.self_id, job.restart_count, failure)
+    if failure.nodes:  # submitted first: the requeue ends this process
+        done = subprocess.run(exclusion_command(job.self_id, failure.nodes, run_dir), capture_output=True, text=True)
+        print(f"[tunefleet] the next attempt runs without {', '.join(failure.nodes)}" if done.returncode == 0 else
+              f"[tunefleet] could not exclude {', '.join(failure.nodes)}: {done.stderr.strip()}", flush=True)
+    print(f"[tunefleet] retry {spent + 1} of {settings.retries}: requeueing job {job.self_id}; it continues with "
+          "train.resume=auto", flush=True)
+    return 0 if requeue(job) else code
+
+
+def requeue(job: SlurmJob) -> bool:
     done = subprocess.run(["scontrol", "requeue", job.self_id], capture_output=True, text=True)
     if done.returncode != 0:
         print(f"error: scontrol requeue failed: {done.stderr.strip()}", file=sys.stderr)
-        return code
-    return 0
+    return done.returncode == 0
 
 
 if __name__ == "__main__":

@@ -38,6 +38,8 @@ class Container:
 class JobSettings:
     env: dict[str, str] = field(default_factory=dict)  # set for the training step on every node (NCCL_*, ...)
     container: Container | None = None
+    retries: int = 2  # requeues after an infrastructure failure (launcher.cluster.retry)
+    hang_seconds: float = 1800.0  # a step that logs nothing new for this long is ended and retried; 0: never
 
     def srun_options(self) -> list[str]:
         """Options for the training step's srun (pyxis's --container-image and friends)."""
@@ -60,15 +62,18 @@ class JobSettings:
         return self.container.python if self.container else host_python
 
     def to_json(self) -> str:
-        return json.dumps({"env": self.env, "container": asdict(self.container) if self.container else None},
-                          indent=1) + "\n"
+        return json.dumps({"env": self.env, "container": asdict(self.container) if self.container else None,
+                           "retries": self.retries, "hang_seconds": self.hang_seconds}, indent=1) + "\n"
 
     @classmethod
     def from_json(cls, text: str) -> "JobSettings":
         data = json.loads(text)
         box = data.get("container")
+        defaults = cls()
         return cls(env=dict(data.get("env") or {}),
-                   container=Container(**{**box, "mounts": tuple(box["mounts"])}) if box else None)
+                   container=Container(**{**box, "mounts": tuple(box["mounts"])}) if box else None,
+                   retries=int(data.get("retries", defaults.retries)),
+                   hang_seconds=float(data.get("hang_seconds", defaults.hang_seconds)))
 
     def write(self, path: Path) -> None:
         """Owner-only (0600) from its first byte, and whole: written under a temporary name, then renamed."""

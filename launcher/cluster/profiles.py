@@ -99,6 +99,12 @@ class ClusterProfile(BaseModel):
     signal_seconds: int = Field(120, ge=10, description="Seconds before the time limit at which the job checkpoints "
                                                          "(--signal=B:USR1@N); one step plus a checkpoint must fit.")
     max_restarts: int = Field(3, ge=0, description="How often a job that checkpointed may requeue itself.")
+    retries: int = Field(2, ge=0, description="How often a run that failed for a reason not its own (NCCL, GPU, "
+                                               "network or node failure, a hang) is requeued, without the node it "
+                                               "failed on. A user error is never retried.")
+    hang_minutes: float = Field(30, ge=0, description="A run that logs no new step for this long is ended and "
+                                                       "retried (longer than log_every steps plus an evaluation); "
+                                                       "0: never.")
     device_memory: Optional[str] = Field(None, description="Memory of one GPU, e.g. 80GiB: `tunefleet plan` checks "
                                                           "the run fits it.")
     array_parallelism: Optional[int] = Field(None, ge=1, description="A sweep's runs at most running at once "

@@ -232,8 +232,9 @@ def job_settings(profile: ClusterProfile, folder: Path) -> JobSettings:
     container sees `tunefleet submit`'s folder (where the job starts) and the run or sweep folder at
     their own paths, so that the words' paths hold inside it too."""
     box = profile.container
+    failures = {"retries": profile.retries, "hang_seconds": profile.hang_minutes * 60}
     if box is None:
-        return JobSettings(env=dict(profile.env))
+        return JobSettings(env=dict(profile.env), **failures)
     workdir = Path.cwd()
     mounts = [_mount_of(workdir, "the working folder")]
     if not folder.is_relative_to(workdir):
@@ -241,7 +242,7 @@ def job_settings(profile: ClusterProfile, folder: Path) -> JobSettings:
     mounts += [m if ":" in m else f"{m}:{m}" for m in box.mounts]
     return JobSettings(env=dict(profile.env), container=Container(
         runtime=box.runtime, image=box.image, mounts=tuple(mounts), workdir=str(workdir),
-        python=profile.python or "python", gpus=profile.gpu_count > 0, mount_home=box.mount_home))
+        python=profile.python or "python", gpus=profile.gpu_count > 0, mount_home=box.mount_home), **failures)
 
 
 def array_option(indices: list[int], cap: int | None) -> str:

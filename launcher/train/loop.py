@@ -10,7 +10,6 @@ RUN/status.json (running, interrupted, finished, failed).
 from __future__ import annotations
 
 import gc
-import os
 import time
 from pathlib import Path
 
@@ -23,6 +22,7 @@ from launcher.outputs.metrics_log import MetricsLog
 from launcher.outputs.progress import progress_bar
 from launcher.outputs.status import write_status
 from launcher.outputs.trackers import close_trackers_as_failed, start_trackers
+from launcher.train import faults
 from launcher.train.build import Run, RunAlreadyFinished, announce
 from launcher.train.checkpoint import checkpoint_root, save_checkpoint
 from launcher.train.finish import finish_run, format_metrics
@@ -76,17 +76,9 @@ def _checkpoint(run: Run, state: dict) -> Path:
                      "recipe": run.recipe.model_dump(mode="json"), "backend": run.backend.resume_fingerprint(),
                      "data_key": _data_key(run), "total_steps": run.total_steps}
     path = save_checkpoint(run, state["step"], trainer_state, keep=run.recipe.train.keep_checkpoints)
-    _slow_checkpoint_for_tests()
+    faults.slow_checkpoint()
     publish_best(run, state)
     return path
-
-
-def _slow_checkpoint_for_tests() -> None:
-    """Fault injection: TUNEFLEET_TEST_CHECKPOINT_SECONDS makes each checkpoint take that much longer, as a
-    large model's does on a parallel file system (tests of the stop budget under Slurm; never set it)."""
-    seconds = float(os.environ.get("TUNEFLEET_TEST_CHECKPOINT_SECONDS", "0") or 0)
-    if seconds > 0:
-        time.sleep(seconds)
 
 
 def _checkpoint_and_maybe_stop(run: Run, state: dict, stop: StopFlag, log: MetricsLog) -> Path | None:
@@ -214,6 +206,7 @@ def _train_steps(run: Run) -> dict:
                 log.log(step, row)
             state["elapsed"] = time.perf_counter() - started
             last_checkpoint = _checkpoint_and_maybe_stop(run, state, stop, log)
+            faults.after_step(step, run.is_main)
             if state["stopped_early"]:
                 break
         feed.close()  # shuts the loader's worker processes down before the finishing work

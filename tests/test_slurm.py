@@ -144,16 +144,7 @@ def test_a_job_warned_before_its_time_limit_checkpoints_requeues_and_matches(slu
         time.sleep(0.5)
     # What Slurm does N seconds before the time limit with --signal=B:USR1@N.
     subprocess.run(["scancel", "--signal=USR1", "--batch", job], env=env, check=True)
-    deadline = time.time() + 120
-    while time.time() < deadline and "Restarts=1" not in _job(env, job):
-        time.sleep(0.5)
-    assert "Restarts=1" in _job(env, job), "the job did not requeue itself"
-    # Slurm holds a requeued job for about two minutes before it is eligible again (its old credential
-    # is revoked until the first attempt has fully ended); shorten that hold to a few seconds here.
-    while time.time() < deadline and "JobState=PENDING" not in _job(env, job):
-        time.sleep(0.5)
-    time.sleep(5)
-    subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], env=env, check=True)
+    _start_now_when_pending(env, job, 1)  # the job requeued itself
     wait_state(env, run_dir, {"finished"}, 300)
     log = "".join(p.read_text() for p in (run_dir / "slurm").glob("slurm-*.out"))
     assert "requeueing job" in log and "restart 1" in log, log[-3000:]
@@ -171,6 +162,20 @@ def test_a_job_warned_before_its_time_limit_checkpoints_requeues_and_matches(slu
 
 def _job(env, job: str) -> str:
     return subprocess.run(["scontrol", "show", "job", job], env=env, capture_output=True, text=True).stdout
+
+
+def _field(env, job: str, name: str) -> str:
+    found = re.search(rf"\b{name}=(\S*)", _job(env, job))
+    return found.group(1) if found else ""
+
+
+def _start_now_when_pending(env, job: str, restarts: int, timeout: float = 120) -> None:
+    """Wait for the job's requeue number `restarts`, then skip Slurm's hold before it may run again (about two
+    minutes: its old credential is revoked until the first attempt has fully ended)."""
+    assert wait_for(lambda: f"Restarts={restarts}" in _job(env, job) and "JobState=PENDING" in _job(env, job),
+                    timeout), _job(env, job)
+    time.sleep(5)
+    subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], env=env, check=True)
 
 
 def test_cancel_and_failure_are_reported_and_failures_are_not_requeued(slurm, tiny_llama, tmp_path):
@@ -268,10 +273,7 @@ def test_warning_one_array_task_leaves_the_others_alone_and_threads_follow_the_c
     base = next(task for task, job_id in tasks.items() if job_id == array)  # the task that carries the array's id
     other = next(task for task in tasks if task != base)
     subprocess.run(["scancel", "--signal=USR1", "--batch", base], env=env, check=True)
-    assert wait_for(lambda: "Restarts=1" in _job(env, base), 120), _job(env, base)
-    assert wait_for(lambda: "JobState=PENDING" in _job(env, base), 60)
-    time.sleep(5)
-    subprocess.run(["scontrol", "update", f"JobId={base}", "StartTime=now"], env=env, check=True)
+    _start_now_when_pending(env, base, 1)
     wait_state(env, sweep, {"finished"}, 300)
     assert "Restarts=0" in _job(env, other), _job(env, other)
     by_task = {f"{array}_{i}": run for i, run in enumerate(runs)}
@@ -317,19 +319,6 @@ def test_gpus_asked_for_where_cuda_is_missing_stop_the_run_at_once_naming_the_no
     assert "node node1 was given 2 GPU(s) but CUDA is not available there" in log, log[-3000:]
     assert "Restarts=0" in _job(env, job) and not (run_dir / "metrics.jsonl").exists()
     assert "#SBATCH --gpus-per-node=fake:2" in (run_dir / "slurm" / "job.sbatch").read_text()
-
-
-def _field(env, job: str, name: str) -> str:
-    found = re.search(rf"\b{name}=(\S*)", _job(env, job))
-    return found.group(1) if found else ""
-
-
-def _start_now_when_pending(env, job: str, restarts: int, timeout: float = 120) -> None:
-    """Wait for the job's requeue number `restarts`, then skip Slurm's ~2 minute hold before it may run again."""
-    assert wait_for(lambda: f"Restarts={restarts}" in _job(env, job) and "JobState=PENDING" in _job(env, job),
-                    timeout), _job(env, job)
-    time.sleep(5)
-    subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], env=env, check=True)
 
 
 def test_a_machine_failure_is_retried_without_its_node_and_a_hang_is_ended_and_retried(slurm, tiny_llama, tmp_path):

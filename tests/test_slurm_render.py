@@ -116,3 +116,13 @@ def test_a_typed_gpu_request_reaches_sbatch_and_sets_the_processes_per_node(tmp_
     with pytest.raises(UserError, match="'eight' is not a GPU count"):
         load_profile(None, [("gpus_per_node", "eight")])
     assert "#SBATCH --gpus-per-node" not in plan(["recipe=lora", "cluster=local", f"output.dir={tmp_path}/s"]).script
+
+
+def test_the_checkpoint_warning_must_come_before_the_time_limit():
+    from launcher.cluster.profiles import time_limit_seconds
+
+    assert [time_limit_seconds(v) for v in ("30", "30:15", "24:00:00", "1-12:30", "UNLIMITED")] == [
+        1800, 1815, 86400, 131400, None]
+    with pytest.raises(UserError, match="signal_seconds=300 is not shorter than the time limit 00:05:00"):
+        load_profile("example", [("time", "00:05:00")])
+    assert load_profile("example", [("time", "00:05:01")]).signal_seconds == 300

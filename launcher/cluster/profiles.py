@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Literal, Optional
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from launcher.errors import UserError
 
@@ -75,6 +75,22 @@ def check_mount(mount: str) -> str:
         raise ValueError(f"{mount!r} is not a mount: give SRC or SRC:DST with absolute paths and no commas "
                          "(e.g. /shared/data:/data)")
     return mount
+
+
+def time_limit_seconds(value: str) -> int | None:
+    """Slurm's --time in seconds (MM, MM:SS, HH:MM:SS, D-HH, D-HH:MM, D-HH:MM:SS); None for no limit or
+    a form this does not know (Slurm itself judges it at sbatch)."""
+    days, _, clock = value.rpartition("-") if "-" in value else ("0", "", value)
+    parts = clock.split(":")
+    if not days.isdigit() or not all(p.isdigit() for p in parts) or len(parts) > 3:
+        return None
+    numbers = [int(p) for p in parts]
+    if days != "0" or "-" in value:  # D-HH[:MM[:SS]]
+        hours, minutes, seconds = (numbers + [0, 0])[:3]
+    else:  # MM, MM:SS, HH:MM:SS
+        hours, minutes, seconds = ([0] * (3 - len(numbers)) + numbers) if len(numbers) == 3 else \
+            (0, numbers[0], numbers[1] if len(numbers) == 2 else 0)
+    return ((int(days) * 24 + hours) * 60 + minutes) * 60 + seconds
 
 
 # --gpus-per-node takes a count or TYPE:COUNT (a site's gres type names, e.g. h100, a100_80g).
@@ -130,6 +146,14 @@ class ClusterProfile(BaseModel):
             raise ValueError(f"{value!r} holds characters a #SBATCH value may not (spaces, quotes, $, ;, newlines)"
                              if value else "is empty; give a value or leave the key out")
         return value
+
+    @model_validator(mode="after")
+    def _warning_inside_the_time_limit(self) -> "ClusterProfile":
+        limit = time_limit_seconds(self.time)
+        if limit is not None and self.signal_seconds >= limit:
+            raise ValueError(f"signal_seconds={self.signal_seconds} is not shorter than the time limit {self.time} "
+                             f"({limit} s): the job would be warned as it starts; lower signal_seconds or raise time")
+        return self
 
     @field_validator("gpus_per_node")
     @classmethod

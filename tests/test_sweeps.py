@@ -70,6 +70,12 @@ def test_local_sweep_runs_reports_and_collects(tiny_llama, tmp_path, capsys):
         assert float(row["value"]) == pytest.approx(own["best"]["value"]) and int(row["steps"]) == own["steps"]
     assert f"best run: {rows[0]['run']}" in out and (sweep / "curves.png").stat().st_size > 10_000
     assert list((sweep / "tensorboard").iterdir())
+    # Two runs train side by side: each sizes its threads to half of the cores, not to all of them.
+    from launcher.distributed.cpus import cpu_budget
+
+    for row in rows:
+        record = json.loads((sweep / row["run"] / "ranks" / "rank0.json").read_text())
+        assert record["torch_threads"] == max(1, cpu_budget({}) // 2), record
 
 
 @pytest.mark.slow

@@ -111,13 +111,13 @@ def log_files(run_dir: Path) -> list[Path]:
     return [p for p in [Path(run_dir) / "local.log"] if p.is_file()]
 
 
-if __name__ == "__main__":
-    sys.exit(supervise(Path(sys.argv[1]), int(sys.argv[2])))
-
-
 def share_of_cpus(parallel: int, environ=os.environ) -> dict[str, str]:
     """A run's environment with its share of this machine's cores (launcher.distributed.cpus): runs
     training side by side each size their threads to it instead of each taking every core."""
     from launcher.distributed.cpus import CPU_BUDGET_ENV, cpu_budget
 
     return {**environ, CPU_BUDGET_ENV: str(max(1, cpu_budget(environ) // parallel))}
+
+
+if __name__ == "__main__":
+    sys.exit(supervise(Path(sys.argv[1]), int(sys.argv[2])))

@@ -8,3 +8,11 @@ class UserError(Exception):
     """
 
     exit_code = 2
+
+
+class NodeFault(UserError):
+    """A node that cannot run its share as Slurm allocated it (GPUs missing or unseen by CUDA): the node's
+    fault, not the recipe's, so a Slurm job retries without it (launcher.cluster.retry), which exit
+    status 2 would forbid."""
+
+    exit_code = 3

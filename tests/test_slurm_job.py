@@ -23,6 +23,7 @@ from launcher.distributed.cpus import CPU_BUDGET_ENV, cpu_budget, threads_per_pr
 from launcher.distributed.rendezvous import LOWEST_PORT, ephemeral_range, pick_rendezvous_port
 from launcher.errors import UserError
 from launcher.outputs.status import write_status
+from launcher.train.heartbeat import HEARTBEAT_ENV
 from launcher.train.preemption import STOP_FILE_ENV, StopFlag
 
 JOB = SlurmJob(job_id=41, node_id=0, hosts=("node1", "node2"), restart_count=0)
@@ -62,9 +63,10 @@ def test_the_rendezvous_port_is_free_on_the_head_and_outside_the_ephemeral_range
         taken.bind(("", port))
         other = pick_rendezvous_port(12345)
         assert other != port and LOWEST_PORT <= other < ephemeral_range()[0]
-    env = step_environment(JOB, JobSettings(env={"NCCL_SOCKET_IFNAME": "ib0"}), Path("/x/stop"),
+    env = step_environment(JOB, JobSettings(env={"NCCL_SOCKET_IFNAME": "ib0"}), Path("/run"),
                            {"SLURMD_NODENAME": "node1", "SLURM_GPUS_ON_NODE": "8"})
-    assert env[PORT_ENV].isdigit() and env["NCCL_SOCKET_IFNAME"] == "ib0" and env[STOP_FILE_ENV] == "/x/stop"
+    assert env[PORT_ENV].isdigit() and env["NCCL_SOCKET_IFNAME"] == "ib0"
+    assert env[STOP_FILE_ENV] == "/run/slurm/stop-request" and env[HEARTBEAT_ENV] == "/run/slurm/heartbeat"
     assert env[EXPECTED_GPUS_ENV] == "8"
     assert JOB.port({PORT_ENV: env[PORT_ENV]}) == int(env[PORT_ENV])
     # Not on the head node (never the case for a batch script): no port is picked there.
@@ -132,17 +134,34 @@ def test_a_stopped_step_is_requeued_when_the_run_stopped_and_not_when_it_finishe
 SRUN_FAILED = "srun: error: node2: task 1: Exited with exit code 1\nsrun: error: node1: task 0: Killed\n"
 
 
-@pytest.mark.parametrize("output, kind", [
-    ("torch.distributed.DistBackendError: NCCL error in: ProcessGroupNCCL.cpp:1970, unhandled system error", "NCCL failure"),
-    ("[Rank 3] Watchdog caught collective operation timeout: WorkNCCL(SeqNum=7, OpType=ALLREDUCE)", "NCCL failure"),
-    ("RuntimeError: CUDA error: uncorrectable ECC error encountered", "GPU fault"),
-    ("torch.distributed.DistNetworkError: Connection reset by peer", "network failure"),
-    ("srun: error: Node failure on node2", "node failure"),
+@pytest.mark.parametrize("output, kind, blamed", [
+    ("torch.distributed.DistBackendError: NCCL error in: ProcessGroupNCCL.cpp:1970, unhandled system error",
+     "NCCL failure", ()),  # seen by the ranks that waited for a broken peer: no node is blamed
+    ("[Rank 3] Watchdog caught collective operation timeout: WorkNCCL(SeqNum=7, OpType=ALLREDUCE)", "NCCL failure", ()),
+    ("RuntimeError: CUDA error: uncorrectable ECC error encountered", "GPU fault", ("node2",)),
+    ("torch.distributed.DistNetworkError: failed to connect to node1:15010", "network failure", ()),
+    ("srun: error: Node failure on node2", "node failure", ("node2",)),
+    ("error (node gpu3): node gpu3 was given 8 GPU(s) but CUDA sees 7", "GPU fault", ("gpu3",)),
 ])
-def test_failures_of_the_machine_are_told_from_the_recipes(output, kind):
-    failure = diagnose(f"[tunefleet] training ...\n{output}\n{SRUN_FAILED}", code=1)
-    assert failure is not None and failure.kind == kind and output.split(":")[0] in failure.evidence
-    assert failure.nodes == (("node2",) if "Node failure" not in output else ("node2",))
+def test_failures_of_the_machine_are_told_from_the_recipes(output, kind, blamed):
+    failure = diagnose(f"[tunefleet] training ...\n{output}\n{SRUN_FAILED}", code=3 if "CUDA sees" in output else 1)
+    assert failure is not None and failure.kind == kind and output.split(":")[-1].strip() in failure.evidence
+    assert failure.nodes == blamed
+
+
+ROOT_CAUSE = """torch.distributed.elastic.multiprocessing.errors.ChildFailedError:
+============================================================
+launcher/run.py FAILED
+------------------------------------------------------------
+Root Cause (first observed failure):
+[0]:
+  host      : gpu7
+  rank      : 3 (local_rank: 3)
+  exitcode  : 1 (pid: 4242)
+  traceback : Traceback (most recent call last):
+    {error}
+============================================================
+"""
 
 
 @pytest.mark.parametrize("output, code", [
@@ -151,9 +170,25 @@ def test_failures_of_the_machine_are_told_from_the_recipes(output, kind):
     ("RuntimeError: mat1 and mat2 shapes cannot be multiplied (4x64 and 32x64)", 1),  # the recipe's model
     ("torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB", 1),  # the recipe's sizes
     ("NCCL error in: ...", 0),  # it finished
+    # Rank 3 ran out of memory; rank 0, waiting for it, timed out in NCCL: the root cause decides.
+    ("[Rank 0] Watchdog caught collective operation timeout: WorkNCCL(SeqNum=7)\n"
+     + ROOT_CAUSE.format(error="torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 8.00 GiB"), 1),
+    # A tracker lost its connection earlier; the run failed on the recipe's data.
+    ("wandb: Network error (ConnectionError), entering retry loop: Connection reset by peer\n"
+     "Traceback (most recent call last):\n  File \"x.py\", line 1\nKeyError: 'text'", 1),
+    # A data loader worker's bus error (a full /dev/shm) is the recipe's loader_workers, not the node.
+    ("ERROR: Unexpected bus error encountered in worker. This might be caused by insufficient shared memory "
+     "(shm).\nRuntimeError: DataLoader worker (pid 77) is killed by signal: Bus error.", 1),
 ])
 def test_a_users_error_is_never_taken_for_the_machines(output, code):
     assert diagnose(f"{output}\n{SRUN_FAILED}", code) is None
+
+
+def test_the_root_cause_names_the_failure_when_other_ranks_print_others():
+    output = ("RuntimeError: shapes cannot be multiplied (printed by a dying rank's neighbour)\n"
+              + ROOT_CAUSE.format(error="RuntimeError: CUDA error: uncorrectable ECC error encountered") + SRUN_FAILED)
+    failure = diagnose(output, 1)
+    assert failure is not None and failure.kind == "GPU fault"
 
 
 def test_the_exclusion_job_runs_where_the_job_ran_and_names_no_shell_code(tmp_path):
@@ -168,29 +203,54 @@ def test_retries_are_recorded_across_attempts(tmp_path):
     failure = diagnose("NCCL error in: x\n" + SRUN_FAILED, 1)
     record_retry(tmp_path, "41", 0, failure)
     record_retry(tmp_path, "41", 1, InfrastructureFailure("hang", "no new step for 1800 s", ()))
-    assert [(r["kind"], r["restart"], r["nodes"]) for r in past_retries(tmp_path)] == [
-        ("NCCL failure", 0, ["node2"]), ("hang", 1, [])]
+    record_retry(tmp_path, "52", 0, failure)  # the run submitted again later: a new job, a new budget
+    assert [(r["kind"], r["restart"], r["nodes"]) for r in past_retries(tmp_path, "41")] == [
+        ("NCCL failure", 0, []), ("hang", 1, [])]
+    assert len(past_retries(tmp_path)) == 3 and len(past_retries(tmp_path, "52")) == 1
+    (tmp_path / "slurm" / "retries.json").write_text("{not json")
+    assert past_retries(tmp_path, "41") == []  # unreadable: counts as none, never a traceback
 
 
-def test_the_watchdog_watches_training_only_and_ends_a_step_without_progress(tmp_path):
+def test_the_watchdog_times_training_steps_only_and_ends_a_step_without_progress(tmp_path, monkeypatch):
     import subprocess
     import threading
     import time
 
-    (tmp_path / "status.json").write_text("{}")  # an earlier attempt's: not this attempt's progress
-    assert last_progress(tmp_path, time.time() + 1) is None
+    from launcher.train import heartbeat
+
+    beat_file = tmp_path / "slurm" / "heartbeat"
+    beat_file.parent.mkdir()
+    monkeypatch.setenv(HEARTBEAT_ENV, str(beat_file))
+    heartbeat.start(is_main=True)  # an earlier attempt's beat: not this attempt's progress
+    assert beat_file.read_text() == "training\n" and last_progress(tmp_path, time.time() + 1) is None
     killed = []
-    loading = subprocess.Popen(["sleep", "1"])  # outlives the limit, but never began training
-    assert wait_for_step(loading, tmp_path, 0.2, lambda: killed.append(1), poll=0.05) == (0, None) and not killed
+    # This attempt is evaluating (or loading, checkpointing, finishing) for longer than the limit: never killed.
+    threading.Timer(0.1, heartbeat.beat, ["evaluating"]).start()
+    slow_eval = subprocess.Popen(["sleep", "1"])
+    assert wait_for_step(slow_eval, tmp_path, 0.2, lambda: killed.append(1), poll=0.05) == (0, None) and not killed
+    # It trains a step, then nothing moves: killed once the limit has passed since that step.
     hung = subprocess.Popen(["sleep", "30"])
-    # This attempt writes its status (training began), then nothing moves.
-    threading.Timer(0.1, lambda: os.utime(tmp_path / "status.json")).start()
+    threading.Timer(0.1, heartbeat.beat).start()
     code, idle = wait_for_step(hung, tmp_path, 0.5, lambda: (killed.append(1), hung.kill()), poll=0.05)
     assert killed and idle > 0.5 and code != 0
     assert wait_for_step(subprocess.Popen(["true"]), tmp_path, 0, lambda: None) == (0, None)
+    heartbeat.start(is_main=False)  # other ranks, and runs outside Slurm, write nothing
+    monkeypatch.delenv(HEARTBEAT_ENV)
+    heartbeat.start(is_main=True)
+    heartbeat.beat()
 
 
 def test_job_settings_carry_the_retry_budget_and_the_hang_limit():
     settings = JobSettings(env={"A": "1"}, retries=1, hang_seconds=90.0)
     assert JobSettings.from_json(settings.to_json()) == settings
     assert JobSettings.from_json('{"env": {}}') == JobSettings()
+
+
+def test_a_site_whose_ephemeral_range_starts_low_still_gets_a_free_port(monkeypatch):
+    from launcher.distributed import rendezvous
+
+    monkeypatch.setattr(rendezvous, "ephemeral_range", lambda: (10000, 40000))
+    port = pick_rendezvous_port(7)
+    assert 40000 < port < 65536
+    monkeypatch.setattr(rendezvous, "ephemeral_range", lambda: (1024, 65535))
+    assert 0 < pick_rendezvous_port(7) < 65536  # the kernel's choice

@@ -45,12 +45,13 @@ from pathlib import Path
 
 from launcher.cluster.job_settings import JobSettings, load_job_settings
 from launcher.cluster.retry import (RETRIES_FILE, InfrastructureFailure, JobLog, diagnose, exclusion_command,
-                                    past_retries, record_retry)
+                                    nodes_to_exclude, past_retries, record_retry)
 from launcher.cluster.slurm_env import (EXPECTED_GPUS_ENV, PORT_ENV, SlurmJob, allocated_cpus_per_node,
                                         gpus_on_node)
-from launcher.cluster.watchdog import kill_step_of, wait_for_step
+from launcher.cluster.watchdog import HEARTBEAT, kill_step_of, wait_for_step
 from launcher.distributed.rendezvous import pick_rendezvous_port
 from launcher.errors import UserError
+from launcher.train.heartbeat import HEARTBEAT_ENV
 from launcher.train.preemption import PREEMPTED_EXIT_CODE, STOP_FILE_ENV, STOP_REQUEST
 
 
@@ -162,12 +163,17 @@ class StopRequests:
             self.file.write_text(f"{self.received}\n")
 
 
-def step_environment(job: SlurmJob, settings: JobSettings, stop_file: Path, environ=os.environ) -> dict[str, str]:
-    """The training step's environment: the job's settings, where to look for a stop request, the
-    rendezvous port chosen here on the head node, and the GPUs each node should have."""
-    env = {**environ, **settings.env, STOP_FILE_ENV: str(stop_file)}
+def step_environment(job: SlurmJob, settings: JobSettings, run_dir: Path, environ=os.environ) -> dict[str, str]:
+    """The training step's environment: the job's settings, where to look for a stop request and to
+    beat the heartbeat, the rendezvous port chosen here on the head node, and the GPUs each node
+    should have."""
+    env = {**environ, **settings.env, STOP_FILE_ENV: str(run_dir / "slurm" / STOP_REQUEST),
+           HEARTBEAT_ENV: str(run_dir / "slurm" / HEARTBEAT)}
     if environ.get("SLURMD_NODENAME", job.head) == job.head:  # Slurm runs the batch script on the first node
-        env[PORT_ENV] = str(pick_rendezvous_port(job.job_id))
+        try:
+            env[PORT_ENV] = str(pick_rendezvous_port(job.job_id))
+        except OSError as err:  # each node then derives the port from the job id, as by hand
+            print(f"[tunefleet] {err}: the rendezvous uses port {job.port({})}", flush=True)
     gpus = gpus_on_node(environ)
     if gpus is not None:
         env[EXPECTED_GPUS_ENV] = str(gpus)
@@ -191,11 +197,11 @@ def main(argv: list[str] | None = None) -> int:
     stops.arm(stop_file)
     log = JobLog.here()
     step = subprocess.Popen(step_command(words, job, settings, allocated_cpus_per_node(os.environ)),
-                            env=step_environment(job, settings, stop_file))
-    code, idle = wait_for_step(step, run_dir, settings.hang_seconds, lambda: kill_step_of(job.self_id))
+                            env=step_environment(job, settings, run_dir))
+    code, idle = wait_for_step(step, run_dir, settings.hang_seconds, lambda: kill_step_of(job.self_id, step))
     if idle is None and stopped_for_requeue(code, run_dir, stops.received is not None):
         stop_file.unlink(missing_ok=True)
-        return requeue_after_stop(job, max_restarts)
+        return requeue_after_stop(job, max_restarts, len(past_retries(run_dir, job.self_id)))
     failure = (InfrastructureFailure("hang", f"no new step for {idle:.0f} s (slurm.hang_minutes)", ())
                if idle is not None else diagnose(log.since(), code))
     if failure is None:
@@ -204,14 +210,17 @@ def main(argv: list[str] | None = None) -> int:
     return retry_after_failure(job, run_dir, settings, failure, code or 1)
 
 
-def requeue_after_stop(job: SlurmJob, max_restarts: int) -> int:
+def requeue_after_stop(job: SlurmJob, max_restarts: int, retries: int) -> int:
+    """Requeue a job that stopped on a stop request, at most `max_restarts` times (requeues for
+    infrastructure failures, `retries`, have their own budget)."""
     code = PREEMPTED_EXIT_CODE
+    stops = job.restart_count - retries
     if cancelled(job.self_id):
         print(f"[tunefleet] checkpoint written; job {job.self_id} was cancelled, so it is not requeued; submit it "
               "again to continue (train.resume=auto)", flush=True)
         return code
-    if job.restart_count >= max_restarts:
-        print(f"[tunefleet] checkpoint written, but the job has been requeued {job.restart_count} times already "
+    if stops >= max_restarts:
+        print(f"[tunefleet] checkpoint written, but the job has been requeued {stops} times already "
               f"(TUNEFLEET_MAX_RESTARTS={max_restarts}): not requeueing; resubmit to continue", flush=True)
         return code
     print(f"[tunefleet] stopped for a requeue: requeueing job {job.self_id} (restart {job.restart_count + 1}); "
@@ -223,19 +232,22 @@ def retry_after_failure(job: SlurmJob, run_dir: Path, settings: JobSettings, fai
                         code: int) -> int:
     where = f" on {', '.join(failure.nodes)}" if failure.nodes else ""
     print(f"[tunefleet] {failure.kind}{where}, not the recipe's: {failure.evidence}", flush=True)
-    spent = len(past_retries(run_dir))
+    spent = len(past_retries(run_dir, job.self_id))
     if cancelled(job.self_id):
         print(f"[tunefleet] job {job.self_id} was cancelled: not retried", flush=True)
         return code
     if spent >= settings.retries:
-        print(f"[tunefleet] not retried: {spent} retr{'y' if spent == 1 else 'ies'} spent already (slurm.retries="
-              f"{settings.retries}); see RUN/slurm/{RETRIES_FILE}", flush=True)
+        print(f"[tunefleet] not retried: slurm.retries={settings.retries}, {spent} spent; see RUN/slurm/{RETRIES_FILE}",
+              flush=True)
         return code
     record_retry(run_dir, job.self_id, job.restart_count, failure)
-    if failure.nodes:  # submitted first: the requeue ends this process
-        done = subprocess.run(exclusion_command(job.self_id, failure.nodes, run_dir), capture_output=True, text=True)
-        print(f"[tunefleet] the next attempt runs without {', '.join(failure.nodes)}" if done.returncode == 0 else
-              f"[tunefleet] could not exclude {', '.join(failure.nodes)}: {done.stderr.strip()}", flush=True)
+    exclude, why_not = nodes_to_exclude(job.self_id, failure.nodes, job.num_nodes)
+    if why_not:
+        print(f"[tunefleet] {', '.join(failure.nodes)} stays eligible: {why_not}", flush=True)
+    if exclude:  # submitted first: the requeue ends this process
+        done = subprocess.run(exclusion_command(job.self_id, tuple(exclude), run_dir), capture_output=True, text=True)
+        print(f"[tunefleet] the next attempt runs without {', '.join(exclude)}" if done.returncode == 0 else
+              f"[tunefleet] could not exclude {', '.join(exclude)}: {done.stderr.strip()}", flush=True)
     print(f"[tunefleet] retry {spent + 1} of {settings.retries}: requeueing job {job.self_id}; it continues with "
           "train.resume=auto", flush=True)
     return 0 if requeue(job) else code

@@ -19,6 +19,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Mapping
 
+from launcher.errors import UserError
+
 SETTINGS_ENV = "TUNEFLEET_JOB_SETTINGS"
 SETTINGS_FILE = "job-settings.json"
 
@@ -89,4 +91,8 @@ def load_job_settings(environ: Mapping[str, str] | None = None) -> JobSettings:
     path = (os.environ if environ is None else environ).get(SETTINGS_ENV)
     if not path:
         return JobSettings()
-    return JobSettings.from_json(Path(path).read_text())
+    try:
+        return JobSettings.from_json(Path(path).read_text())
+    except (OSError, ValueError, TypeError, KeyError) as err:
+        raise UserError(f"{SETTINGS_ENV}={path}: cannot read the job's settings ({err}); submit the run again with "
+                        "tunefleet submit, or unset the variable to run with the defaults") from None

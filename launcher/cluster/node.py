@@ -22,7 +22,7 @@ import socket
 import sys
 
 from launcher.cluster.slurm_env import EXPECTED_GPUS_ENV, SlurmJob, gpus_on_node
-from launcher.errors import UserError
+from launcher.errors import NodeFault, UserError
 from launcher.train.preemption import PREEMPTED_EXIT_CODE, StopAtOnceUntilTraining, StoppedBeforeTraining
 
 
@@ -41,15 +41,15 @@ def gpu_processes(words: list[str], given: int | None, expected: int | None, cud
     sees); `expected`: what the head node was given; `cuda_devices`: what CUDA sees here (None: no CUDA)."""
     gpus = given if given is not None else (cuda_devices or 0)
     if expected is not None and gpus != expected:
-        raise UserError(f"node {node} was given {gpus} GPU(s), the head node {expected}: a run needs the same "
+        raise NodeFault(f"node {node} was given {gpus} GPU(s), the head node {expected}: a run needs the same "
                         "number on every node (ask with --gpus-per-node, or slurm.gpus_per_node)")
     if gpus == 0:
         return None
     if cuda_devices is None:
-        raise UserError(f"node {node} was given {gpus} GPU(s) but CUDA is not available there (torch without CUDA, "
+        raise NodeFault(f"node {node} was given {gpus} GPU(s) but CUDA is not available there (torch without CUDA, "
                         "or no driver): install a CUDA build of torch in the job's environment, or ask for no GPUs")
     if cuda_devices < gpus:
-        raise UserError(f"node {node} was given {gpus} GPU(s) but CUDA sees {cuda_devices}")
+        raise NodeFault(f"node {node} was given {gpus} GPU(s) but CUDA sees {cuda_devices}")
     asked = [w.split("=", 1)[1] for w in words if w.startswith("distributed.num_processes=")]
     if asked and asked[-1] != str(gpus):
         raise UserError(f"distributed.num_processes={asked[-1]}, but node {node} was given {gpus} GPU(s): one "

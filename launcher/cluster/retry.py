@@ -30,18 +30,28 @@ from pathlib import Path
 from launcher.errors import UserError
 
 RETRIES_FILE = "retries.json"
-# What the machine or the network says when it fails; each with a short name for the record.
+# What the machine or the network says when it fails: (pattern, name for the record, whether the
+# evidence is local to the node that printed it, so that excluding that node helps). An NCCL
+# timeout or a reset connection shows on the ranks that waited for a broken peer, not on the peer:
+# retried, but no node is blamed.
 SIGNATURES = (
-    (re.compile(r"NCCL (?:error|WARN .*(?:timeout|unhandled))|ncclSystemError|ncclInternalError|ncclRemoteError|"
-                r"NCCL communicator was aborted|Watchdog caught collective operation timeout"), "NCCL failure"),
     (re.compile(r"uncorrectable ECC error|unspecified launch failure|CUDA-capable device\(s\) is/are busy or "
                 r"unavailable|cudaErrorDevicesUnavailable|CUDA driver initialization failed|Xid \d+|"
-                r"GPU is lost|fell off the bus"), "GPU fault"),
-    (re.compile(r"DistNetworkError|RendezvousConnectionError|RendezvousTimeoutError|Connection reset by peer|"
-                r"Connection closed by peer|No route to host"), "network failure"),
-    (re.compile(r"srun: error: Node failure on|NODE_FAIL|Received signal 7|Signal 7 \(SIGBUS\)"), "node failure"),
+                r"GPU is lost|fell off the bus|but CUDA sees \d+|but CUDA is not available there|"
+                r"GPU\(s\), the head node \d+"), "GPU fault", True),
+    (re.compile(r"srun: error: Node failure on|NODE_FAIL"), "node failure", True),
+    (re.compile(r"NCCL (?:error|WARN .*(?:timeout|unhandled))|ncclSystemError|ncclInternalError|ncclRemoteError|"
+                r"NCCL communicator was aborted|Watchdog caught collective operation timeout"), "NCCL failure", False),
+    (re.compile(r"DistNetworkError|RendezvousConnectionError|RendezvousTimeoutError"), "network failure", False),
 )
+# Whatever else the log says, these are the recipe's (sizes, data, code): never retried.
+USERS_OWN = re.compile(r"OutOfMemoryError|CUDA out of memory|out of memory|oom-kill|Out Of Memory")
+# torchrun's report of the rank that failed first, and the last Python traceback: the failure itself,
+# not what other ranks or libraries printed while it happened.
+ROOT_CAUSE = "Root Cause (first observed failure)"
+TRACEBACK = "Traceback (most recent call last):"
 FAILED_NODE = re.compile(r"srun: error: (?:Node failure on (\S+)|(\S+): tasks? [\d,-]+: Exited with exit code [1-9])")
+NODE_ERROR = re.compile(r"^error \(node (\S+)\):", re.M)  # launcher.cluster.node's own refusals
 USER_ERROR_EXIT = 2  # UserError.exit_code: a mistake in the recipe or its files, named already
 
 
@@ -49,29 +59,56 @@ USER_ERROR_EXIT = 2  # UserError.exit_code: a mistake in the recipe or its files
 class InfrastructureFailure:
     kind: str  # NCCL failure, GPU fault, network failure, node failure, hang
     evidence: str  # the line that showed it
-    nodes: tuple[str, ...]  # where it happened, as far as the log says (first failing node first)
+    nodes: tuple[str, ...]  # the node to run without next time (none when the evidence names no culprit)
+
+
+def failure_itself(output: str) -> str:
+    """The part of the step's output that says why it failed: torchrun's root-cause report, else the last
+    Python traceback, else everything (a step killed without a traceback)."""
+    if ROOT_CAUSE in output:
+        return output[output.rindex(ROOT_CAUSE):]
+    if TRACEBACK in output:
+        return output[output.rindex(TRACEBACK):]
+    return output
 
 
 def diagnose(output: str, code: int) -> InfrastructureFailure | None:
     """An infrastructure failure if the step's output shows one; None for a user's error or anything unknown."""
     if code in (0, USER_ERROR_EXIT):
         return None
-    for pattern, kind in SIGNATURES:
-        found = pattern.search(output)
-        if found:
-            line = output[output.rfind("\n", 0, found.start()) + 1:].split("\n", 1)[0].strip()
-            nodes = []
-            for match in FAILED_NODE.finditer(output):
-                node = match.group(1) or match.group(2)
-                if node not in nodes:
-                    nodes.append(node)
-            return InfrastructureFailure(kind, line[:300], tuple(nodes[:1]))
+    scope = failure_itself(output)
+    if USERS_OWN.search(scope):
+        return None
+    srun_lines = "\n".join(line for line in output.splitlines() if line.startswith(("srun: error:", "error (node")))
+    for pattern, kind, node_local in SIGNATURES:
+        found = pattern.search(scope) or (pattern.search(srun_lines) if node_local else None)
+        if not found:
+            continue
+        text = found.string
+        line = text[text.rfind("\n", 0, found.start()) + 1:].split("\n", 1)[0].strip()
+        return InfrastructureFailure(kind, line[:300], _culprit(output) if node_local else ())
     return None
 
 
-def past_retries(run_dir: Path) -> list[dict]:
+def _culprit(output: str) -> tuple[str, ...]:
+    """The node that failed first: the one that refused (launcher.cluster.node), else the first that srun
+    reports failing or lost."""
+    named = NODE_ERROR.search(output)
+    if named:
+        return (named.group(1),)
+    first = FAILED_NODE.search(output)
+    return (first.group(1) or first.group(2),) if first else ()
+
+
+def past_retries(run_dir: Path, job_id: str | None = None) -> list[dict]:
+    """The retries recorded for the run (of one job only, if given: a run submitted again starts with its
+    full budget). A record that cannot be read counts as none: it must not stop the job's decision."""
     path = Path(run_dir) / "slurm" / RETRIES_FILE
-    return json.loads(path.read_text()) if path.is_file() else []
+    try:
+        entries = json.loads(path.read_text()) if path.is_file() else []
+    except (OSError, ValueError):
+        return []
+    return [e for e in entries if job_id is None or e.get("job") == job_id]
 
 
 def record_retry(run_dir: Path, job_id: str, restart: int, failure: InfrastructureFailure) -> None:
@@ -85,32 +122,61 @@ def record_retry(run_dir: Path, job_id: str, restart: int, failure: Infrastructu
 
 def exclusion_command(job_id: str, nodes: tuple[str, ...], run_dir: Path, environ=os.environ) -> list[str]:
     """The sbatch line of the one-CPU job that excludes `nodes` from the requeued job once it is pending.
-    It runs where the job ran (partition, account, QOS of this job)."""
+    It runs where the job ran (partition, account, QOS, reservation of this job)."""
     where = [f"--{option}={environ[name]}" for option, name in (("partition", "SLURM_JOB_PARTITION"),
                                                                 ("account", "SLURM_JOB_ACCOUNT"),
-                                                                ("qos", "SLURM_JOB_QOS")) if environ.get(name)]
+                                                                ("qos", "SLURM_JOB_QOS"),
+                                                                ("reservation", "SLURM_JOB_RESERVATION"))
+             if environ.get(name)]
     wrap = shlex.join([sys.executable, "-m", "launcher.cluster.retry", "exclude", job_id, ",".join(nodes)])
     return ["sbatch", "--parsable", f"--job-name=tf-exclude-{job_id}"[:64], "--nodes=1", "--ntasks=1",
             "--cpus-per-task=1", "--time=00:10:00", *where, f"--output={Path(run_dir) / 'slurm' / 'exclude-%j.out'}",
             f"--chdir={Path.cwd()}", f"--wrap={wrap}"]
 
 
+def nodes_to_exclude(job_id: str, nodes: tuple[str, ...], needed: int, environ=os.environ) -> tuple[list[str], str]:
+    """(nodes to add to the job's exclusions, why none where none): never so many that the partition no
+    longer holds the nodes the job needs, which would leave it pending for ever."""
+    from launcher.cluster.slurm_env import expand_nodelist
+    from launcher.cluster.slurm_executor import job_details
+
+    listed = job_details(job_id).get("excluded", "")
+    excluded = set(expand_nodelist(listed)) if listed else set()
+    new = [n for n in nodes if n not in excluded]
+    partition = environ.get("SLURM_JOB_PARTITION", "")
+    sizes = subprocess.run(["sinfo", "-h", *(["-p", partition] if partition else []), "-o", "%D"],
+                           capture_output=True, text=True).stdout.split()
+    total = sum(int(n) for n in sizes if n.isdigit())
+    if new and total and total - len(excluded) - len(new) < needed:
+        return [], (f"partition {partition or '(default)'} has {total} node(s), {len(excluded)} excluded already; "
+                    f"the job needs {needed}")
+    return new, ""
+
+
+# States in which a job may still become pending again (after its requeue); any other is an end.
+NOT_ENDED = {"PENDING", "RUNNING", "COMPLETING", "CONFIGURING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED",
+             "RESIZING", "SUSPENDED", "STAGE_OUT", "SIGNALING"}
+
+
 def exclude_when_pending(job_id: str, nodes: list[str], timeout: float = 600, poll: float = 1.0) -> int:
     """Wait until the requeued job is pending again, then add `nodes` to its ExcNodeList."""
+    from launcher.cluster.slurm_env import expand_nodelist
+    from launcher.cluster.slurm_executor import job_details
+
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        shown = subprocess.run(["scontrol", "show", "job", "-o", job_id], capture_output=True, text=True)
-        fields = dict(item.split("=", 1) for item in shown.stdout.split() if "=" in item)
-        if fields.get("JobState") == "PENDING":
-            before = [n for n in fields.get("ExcNodeList", "(null)").split(",") if n and n != "(null)"]
+        details = job_details(job_id)
+        state = details.get("state", "").upper()
+        if state == "PENDING":
+            before = expand_nodelist(details["excluded"]) if details.get("excluded") else []
             merged = ",".join(dict.fromkeys([*before, *nodes]))
             done = subprocess.run(["scontrol", "update", f"JobId={job_id}", f"ExcNodeList={merged}"],
                                   capture_output=True, text=True)
             print(f"[tunefleet] job {job_id}: ExcNodeList={merged}" + (f" failed: {done.stderr.strip()}"
                                                                       if done.returncode else ""), flush=True)
             return done.returncode
-        if fields.get("JobState") in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"):
-            print(f"[tunefleet] job {job_id} is {fields['JobState']}: nothing to exclude", flush=True)
+        if state and state not in NOT_ENDED:
+            print(f"[tunefleet] job {job_id} is {state}: nothing to exclude", flush=True)
             return 0
         time.sleep(poll)
     print(f"[tunefleet] job {job_id} was not pending within {timeout:.0f} s: {', '.join(nodes)} not excluded",

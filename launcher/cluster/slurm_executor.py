@@ -84,14 +84,17 @@ def jobs(manifest: dict) -> dict[str, JobView]:
 
 
 def job_details(job_id: str) -> dict:
-    """State, restarts, exit code and reason of one job from `scontrol show job` (empty once Slurm
-    forgot it): for the batch process deciding about its own requeue (launcher.cluster.job)."""
+    """State, restarts, exit code, reason and excluded nodes (Slurm's compressed list) of one job from
+    `scontrol show job` (empty once Slurm forgot it): for the batch process deciding about its own
+    requeue (launcher.cluster.job) and for the job that excludes a node from it (launcher.cluster.retry)."""
     out = _run(["scontrol", "show", "job", "-o", str(job_id)])
     fields = dict(item.split("=", 1) for item in out.split() if "=" in item)
     if not fields:
         return {}
+    excluded = fields.get("ExcNodeList", "(null)")
     return {"state": fields.get("JobState", "").lower(), "restarts": int(fields.get("Restarts", 0) or 0),
-            "exit_code": fields.get("ExitCode", ""), "reason": fields.get("Reason", "")}
+            "exit_code": fields.get("ExitCode", ""), "reason": fields.get("Reason", ""),
+            "excluded": "" if excluded == "(null)" else excluded}
 
 
 def cancel(manifest: dict, job_ids: list[str]) -> bool:

@@ -23,6 +23,7 @@ pends or runs is refused (launcher.cluster.claim); a finished run is never submi
 from __future__ import annotations
 
 import json
+import os
 import shlex
 import subprocess
 import sys
@@ -352,7 +353,7 @@ def _submit_single(sub: Submission) -> str:
     if live:
         _refuse_live(run.run_dir, live)
     (run.run_dir / "slurm").mkdir(parents=True, exist_ok=True)  # Slurm does not create a log's folder
-    script_path.write_text(sub.script)
+    write_script(script_path, sub.script)
     sub.settings.write(run.run_dir / "slurm" / SETTINGS_FILE)
     record = {**(_again(earlier) if earlier else _new_record(run)), "executor": "slurm",
               "sbatch": shlex.join(sub.sbatch_argv), "profile": sub.profile.recorded()}
@@ -392,7 +393,7 @@ def _submit_sweep(sub: Submission) -> tuple[str, list[int]]:
     (sweep_dir / "slurm").mkdir(parents=True, exist_ok=True)
     for run in sub.runs:
         (run.run_dir / "slurm").mkdir(parents=True, exist_ok=True)
-    script_path.write_text(sub.script)
+    write_script(script_path, sub.script)
     sub.settings.write(sweep_dir / "slurm" / SETTINGS_FILE)
     manifest.update(sbatch=shlex.join(argv), profile=sub.profile.recorded())
     sweeps.write_manifest(sweep_dir, manifest)  # written first: an array task reads its words from it
@@ -423,6 +424,14 @@ def submit_collect(sub: Submission, array_id: str) -> str | None:
         return None
 
 
+def write_script(path: Path, script: str) -> None:
+    """The batch script, readable by its owner alone: the profile's setup lines are shell the user wrote,
+    and an `export TOKEN=...` among them must not be readable by everyone on a shared file system."""
+    path.unlink(missing_ok=True)  # O_CREAT keeps an existing file's mode
+    with os.fdopen(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "w") as f:
+        f.write(script)
+
+
 def submit(sub: Submission) -> str:
     """Write the Slurm files and the record, submit under the folder's claim; return the (array) job id."""
     folder = sub.sweep_dir or sub.runs[0].run_dir
@@ -434,6 +443,10 @@ def submit(sub: Submission) -> str:
 
 def cmd_submit(words: list[str]) -> int:
     sub = plan(words)
+    if sub.profile.gpu_count and sub.profile.cpus_per_task is None and sub.options.executor == "slurm":
+        print("[tunefleet] note: slurm.gpus_per_node without slurm.cpus_per_task: each node gets the site's default "
+              "CPUs for its one task (often 1, shared by every rank and data loader); set slurm.cpus_per_task",
+              file=sys.stderr)
     if sub.options.executor == "local":
         if sub.dry_run:
             for run in sub.runs:

@@ -1,11 +1,12 @@
-"""The hang watchdog of a Slurm job's training step: a run that writes no new step for a set time is ended.
+"""The hang watchdog of a Slurm job's training step: a run that makes no new step for a set time is ended.
 
 A hung collective (a dead NCCL peer, a stuck file system) never returns and never fails: the job
-would sit in its allocation until the time limit. The batch process watches the run's own files
-(status.json, metrics.jsonl, the checkpoints folder); once the run has begun training in this
-attempt and none of them changed for `hang_seconds`, it kills the step's tasks (SIGKILL through
-Slurm: a hung rank cannot checkpoint, and SIGTERM would only wait for KillWait) and reports the
-hang, which launcher.cluster.retry treats as an infrastructure failure.
+would sit in its allocation until the time limit. Rank 0 beats a heartbeat file after every step
+(launcher.train.heartbeat: RUN/slurm/heartbeat); while it says `training` and has not beaten for
+`hang_seconds`, the batch process kills the step's tasks (SIGKILL through Slurm: a hung rank cannot
+checkpoint, and SIGTERM would only wait for KillWait) and reports the hang, which
+launcher.cluster.retry treats as an infrastructure failure. Model loading, evaluations,
+checkpoints and the final save say so in the file and are not timed: they may rightly take long.
 """
 
 from __future__ import annotations
@@ -14,21 +15,21 @@ import subprocess
 import time
 from pathlib import Path
 
-PROGRESS_FILES = ("status.json", "metrics.jsonl", "checkpoints")
+from launcher.train.heartbeat import TRAINING
+
+HEARTBEAT = "heartbeat"  # in RUN/slurm/
 
 
 def last_progress(run_dir: Path, since: float) -> float | None:
-    """When the run last showed progress in this attempt; None until it has begun training (its status
-    written since `since`): model loading and tokenizing are not watched."""
-    times = {}
-    for name in PROGRESS_FILES:
-        try:
-            times[name] = (Path(run_dir) / name).stat().st_mtime
-        except OSError:
-            continue
-    if times.get("status.json", 0) < since:
+    """When the run last made a step in this attempt; None while it is not training (loading, evaluating,
+    checkpointing, finishing, or a heartbeat left by an earlier attempt)."""
+    path = Path(run_dir) / "slurm" / HEARTBEAT
+    try:
+        beaten = path.stat().st_mtime
+        phase = path.read_text().strip()
+    except OSError:
         return None
-    return max(times.values())
+    return beaten if beaten >= since and phase == TRAINING else None
 
 
 def wait_for_step(step: subprocess.Popen, run_dir: Path, hang_seconds: float, kill_step,
@@ -47,9 +48,20 @@ def wait_for_step(step: subprocess.Popen, run_dir: Path, hang_seconds: float, ki
             return step.wait(), idle
 
 
-def kill_step_of(job_id: str) -> None:
-    """SIGKILL every task of the job's training steps (not its batch step: that is this process)."""
-    listed = subprocess.run(["squeue", "-h", "-s", "-j", job_id, "-o", "%i"], capture_output=True, text=True)
-    steps = [s for s in listed.stdout.split() if s.rpartition(".")[2].isdigit()]
+def kill_step_of(job_id: str, step: subprocess.Popen) -> None:
+    """SIGKILL every task of the job's training steps (not its batch step: that is this process). Where
+    Slurm does not answer, srun itself is told to end the step (SIGTERM, then SIGKILL after 30 s)."""
+    try:
+        listed = subprocess.run(["squeue", "-h", "-s", "-j", job_id, "-o", "%i"], capture_output=True, text=True,
+                                timeout=30).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        listed = ""
+    steps = [s for s in listed.split() if s.rpartition(".")[2].isdigit()]
     if steps:
-        subprocess.run(["scancel", "--signal=KILL", *steps], capture_output=True, text=True)
+        subprocess.run(["scancel", "--signal=KILL", *steps], capture_output=True, text=True, timeout=30)
+        return
+    step.terminate()
+    try:
+        step.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        step.kill()

@@ -7,8 +7,7 @@ on the local cluster, two one-process array tasks with 1 CPU each trained at 0.0
 against 0.6 alone. The budget is the smallest of what the scheduler says:
 - the CPUs this process may run on (its affinity mask: what a site's core binding leaves it),
 - SLURM_CPUS_PER_TASK inside a Slurm job (without binding the mask still shows the whole node),
-- TUNEFLEET_CPUS, set by tunefleet's own executors for each run they start (the local executor's
-  share of the machine, a Slurm node's share per process).
+- TUNEFLEET_CPUS, set by the local executor for each run it starts (its share of the machine).
 A user's OMP_NUM_THREADS is always kept.
 """
 

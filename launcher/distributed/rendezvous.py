@@ -37,11 +37,18 @@ def pick_rendezvous_port(seed: int, tries: int = 64) -> int:
     """A port free on this host now and outside the ephemeral range, for the rendezvous of a job whose
     head node runs this: the first of `tries` candidates (spread by `seed`, e.g. the job id, so that
     jobs sharing a node start from different ports) that can be bound. Chosen at run time, not
-    derived: a derived port is taken on a shared node as soon as another job or a connection holds it."""
-    low, _ = ephemeral_range()
-    span = max(1, low - LOWEST_PORT)
+    derived: a derived port is taken on a shared node as soon as another job or a connection holds it.
+    Candidates lie below the ephemeral range, or above it where a site starts that range low."""
+    low, high = ephemeral_range()
+    ranges = [(LOWEST_PORT, low), (high + 1, 65536)]
+    start, end = max(ranges, key=lambda r: r[1] - r[0])
+    span = end - start
+    if span < tries:  # the ephemeral range covers (nearly) everything: let the kernel choose
+        with socket.socket() as sock:
+            sock.bind(("", 0))
+            return sock.getsockname()[1]
     for i in range(tries):
-        port = LOWEST_PORT + (seed + i * 7919) % span  # a prime stride visits different ports
+        port = start + (seed + i * 7919) % span  # a prime stride visits different ports
         if _bindable(port):
             return port
-    raise OSError(f"no free port for the rendezvous among {tries} tried between {LOWEST_PORT} and {low}")
+    raise OSError(f"no free port for the rendezvous among {tries} tried between {start} and {end}")

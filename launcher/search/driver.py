@@ -34,7 +34,7 @@ from pathlib import Path
 from launcher.cluster.executor import SchedulerDidNotAnswer
 from launcher.cluster.sweep import _word_value, new_manifest, read_manifest, write_manifest
 from launcher.errors import UserError
-from launcher.search.presence import beat, clear_stop_request, driver_seen, stop_requested
+from launcher.search.presence import beat, beat_in_background, clear_stop_request, driver_seen, stop_requested
 from launcher.search.space import SearchSpec, check_spec, load_search_file
 from launcher.search.trials import EXECUTORS
 
@@ -360,7 +360,7 @@ class Driver:
         signal.signal(signal.SIGTERM, lambda *_: setattr(self, "stopping", True))
         self.manifest.update(supervisor_pid=os.getpid(), supervisor_host=socket.gethostname())
         self.manifest["search"].pop("stopped", None)
-        beat(self.sweep_dir)
+        beat_in_background(self.sweep_dir)
         if self.adopt():
             while self.step():
                 time.sleep(POLL_S)

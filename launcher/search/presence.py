@@ -58,6 +58,23 @@ def beat(sweep_dir: Path) -> None:
     (Path(sweep_dir) / HEARTBEAT).touch()
 
 
+def beat_in_background(sweep_dir: Path, every: float = FRESH_S / 8) -> None:
+    """Beat from a thread as long as the driver lives: one poll of the driver can take minutes (an
+    squeue that times out, submissions that validate, claim and sbatch), and a heartbeat beaten only
+    between polls would look stale to another host, which would then start a second driver."""
+    import threading
+
+    def keep_beating() -> None:
+        while True:
+            try:
+                beat(sweep_dir)
+            except OSError:
+                pass
+            time.sleep(every)
+
+    threading.Thread(target=keep_beating, name="driver-heartbeat", daemon=True).start()
+
+
 def request_stop(sweep_dir: Path) -> None:
     (Path(sweep_dir) / STOP_REQUEST).write_text(f"requested from {socket.gethostname()} at "
                                                 f"{time.strftime('%Y-%m-%dT%H:%M:%S%z')}\n")

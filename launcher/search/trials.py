@@ -7,9 +7,7 @@ squeue for every trial in flight; it raises SchedulerDidNotAnswer when squeue fa
 
 from __future__ import annotations
 
-import json
 import os
-import shlex
 import signal
 import subprocess
 import sys
@@ -18,7 +16,6 @@ from pathlib import Path
 
 from launcher.cluster.executor import JobView, SchedulerDidNotAnswer
 from launcher.distributed.lifetime import alive
-from launcher.errors import UserError
 
 POLL_S = 1.0
 STOP_WAIT_S = 120.0
@@ -68,15 +65,10 @@ class SlurmTrials:
     def start(self, record: dict) -> None:
         from launcher.cluster import submit
 
-        submission = Path(record["run_dir"]) / "submission.json"
-        if submission.is_file():  # its script starts with train.resume=auto: the run continues
-            done = subprocess.run(shlex.split(json.loads(submission.read_text())["sbatch"]), capture_output=True,
-                                  text=True)
-            if done.returncode != 0:
-                raise UserError(f"sbatch refused {record['name']}: {done.stderr.strip()}")
-            job = done.stdout.strip().split(";")[0]
-        else:
-            job = submit.submit(submit.plan([*record["words"], *self.words]))
+        # A trial started again is submitted again with the same words: under the folder's claim, refused
+        # while a job of it still pends or runs (an sbatch that timed out may have created one), and
+        # continued from its checkpoint (train.resume=auto) otherwise.
+        job = submit.submit(submit.plan([*record["words"], *self.words]))
         record.update(job_id=job, pid=None)
 
     def refresh(self, records: list[dict]) -> None:

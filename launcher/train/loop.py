@@ -22,7 +22,7 @@ from launcher.outputs.metrics_log import MetricsLog
 from launcher.outputs.progress import progress_bar
 from launcher.outputs.status import write_status
 from launcher.outputs.trackers import close_trackers_as_failed, start_trackers
-from launcher.train import faults
+from launcher.train import faults, heartbeat
 from launcher.train.build import Run, RunAlreadyFinished, announce
 from launcher.train.checkpoint import checkpoint_root, save_checkpoint
 from launcher.train.finish import finish_run, format_metrics
@@ -70,6 +70,7 @@ def _data_key(run: Run) -> str | None:
 
 def _checkpoint(run: Run, state: dict) -> Path:
     """Write a checkpoint of the current step, then publish the best artifact it records."""
+    heartbeat.beat("checkpointing")
     from launcher.train.selection import publish_best
 
     trainer_state = {**state, "world_size": run.accelerator.num_processes,
@@ -99,12 +100,15 @@ def _stop_if_signalled(run: Run, state: dict, stop: StopFlag, log: MetricsLog, w
     if not stop.any_rank_stopping(run.accelerator):
         return
     step = state["step"]
-    path = written or _checkpoint(run, state)  # a step is checkpointed once
-    announce(f"{stop.signal_name or 'stop signal on another rank'}{when}: checkpoint {path} written after step "
-             f"{step}; exiting with code {PREEMPTED_EXIT_CODE} (requeue with train.resume=auto)", run.is_main)
+    # A step is checkpointed once; with nothing trained yet there is nothing to save (a full model's
+    # checkpoint could outlast the warning): the continuation starts over.
+    path = written or (_checkpoint(run, state) if step > 0 else None)
+    saved = f"checkpoint {path} written after step {step}" if path else "nothing trained yet, no checkpoint"
+    announce(f"{stop.signal_name or 'stop signal on another rank'}{when}: {saved}; exiting with code "
+             f"{PREEMPTED_EXIT_CODE} (requeue with train.resume=auto)", run.is_main)
     if run.is_main:
-        write_status(run.run_dir, "interrupted", step=step, total_steps=run.total_steps, checkpoint=str(path),
-                     signal=stop.signal_name)
+        write_status(run.run_dir, "interrupted", step=step, total_steps=run.total_steps,
+                     checkpoint=str(path) if path else None, signal=stop.signal_name)
     log.close()
     raise Preempted(path)
 
@@ -159,13 +163,16 @@ def _train_steps(run: Run) -> dict:
     try:
         if run.is_main:
             write_status(run.run_dir, "running", step=state["step"], total_steps=run.total_steps)
+        heartbeat.start(run.is_main)
         has_eval = run.data.eval is not None and len(run.data.eval) > 0
         fresh_start = state["step"] == 0
         if has_eval and recipe.eval.at_start and fresh_start:
+            heartbeat.beat("evaluating")
             state["eval_start"] = run_evaluation(run)
             log.log(0, state["eval_start"])
             announce(f"eval before training: {format_metrics(state['eval_start'])}", run.is_main)
         if recipe.eval.at_start and fresh_start:
+            heartbeat.beat("evaluating")
             state["samples_before"] = generate_samples(run)
         # This run's checkpoint of state["step"], if any (a step is checkpointed once). One resumed
         # from another run's folder has none of its own yet.
@@ -196,6 +203,7 @@ def _train_steps(run: Run) -> dict:
             progress.set_postfix(loss=f"{result.loss:.4f}")
             every = recipe.eval.every_steps
             if has_eval and ((every and step % every == 0) or step == run.total_steps):
+                heartbeat.beat("evaluating")
                 metrics, state["stopped_early"] = evaluate_and_select(run, state, step)
                 row.update(metrics)
                 if state["stopped_early"]:
@@ -206,12 +214,14 @@ def _train_steps(run: Run) -> dict:
                 log.log(step, row)
             state["elapsed"] = time.perf_counter() - started
             last_checkpoint = _checkpoint_and_maybe_stop(run, state, stop, log)
+            heartbeat.beat()  # a step done: the hang watchdog's clock starts again
             faults.after_step(step, run.is_main)
             if state["stopped_early"]:
                 break
         feed.close()  # shuts the loader's worker processes down before the finishing work
         progress.close()
         log.close()
+        heartbeat.beat("finishing")
         return finish_run(run, state, elapsed=time.perf_counter() - started,
                           stop_point=lambda: _stop_if_signalled(run, state, stop, log, last_checkpoint,
                                                                 when=" while finishing"))

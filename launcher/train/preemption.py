@@ -87,16 +87,36 @@ class StopAtOnceUntilTraining:
     """
 
     armed = False
+    POLL_S = 1.0
 
     def __enter__(self) -> "StopAtOnceUntilTraining":
         StopAtOnceUntilTraining.armed = True  # before the handlers: a signal in between must not be lost
         self._previous = {sig: signal.signal(sig, self._stop) for sig in STOP_SIGNALS}
+        stop_file = os.environ.get(STOP_FILE_ENV)
+        if stop_file:
+            import threading
+
+            self._watching = threading.Event()
+            threading.Thread(target=self._watch, args=(stop_file, self._watching), daemon=True).start()
         return self
 
     def __exit__(self, *_) -> None:
         StopAtOnceUntilTraining.armed = False
+        if getattr(self, "_watching", None) is not None:
+            self._watching.set()
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
+
+    @classmethod
+    def _watch(cls, stop_file: str, done) -> None:
+        """A stop request (launcher.cluster.job) that comes while the run loads is a signal to this process:
+        every rank reads the file (no collective exists yet) and exits at once, as on Slurm's SIGTERM."""
+        while not done.wait(cls.POLL_S):
+            if not cls.armed:
+                return
+            if os.path.exists(stop_file):
+                os.kill(os.getpid(), signal.SIGUSR1)
+                return
 
     @staticmethod
     def _stop(signum, _frame) -> None:

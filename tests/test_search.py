@@ -212,6 +212,11 @@ class InstantTrials:
         pass
 
     def start(self, record):
+        if self.world.get("busy", 0) > 0:
+            from launcher.cluster.submit import SchedulerBusy
+
+            self.world["busy"] -= 1
+            raise SchedulerBusy("sbatch refused the job: Socket timed out on send/recv operation")
         if self.world["refuse"]:
             raise UserError("sbatch refused the job: Invalid account or account/partition combination specified")
         run_dir = Path(record["run_dir"])
@@ -323,6 +328,16 @@ def test_refused_submissions_stop_the_search_with_one_message_and_burn_no_trial(
     assert "stopped" not in manifest["search"]
     assert [r["state"] for r in manifest["runs"]] == ["finished"] * 6
     assert [t.state.name for t in _study(folder).trials] == ["COMPLETE"] * 6
+
+
+def test_a_busy_scheduler_delays_trials_but_never_halts_the_search(tmp_path, monkeypatch, instant):
+    from launcher.search import driver
+
+    monkeypatch.setattr(driver, "REFUSAL_RETRY_S", 0.0, raising=False)
+    folder = new_search(tmp_path, monkeypatch, "instant", trials=3, parallel=1, extra="pruner: none\n")
+    instant["busy"] = 5  # more time-outs in a row than refusals halt a search
+    assert driver.Driver(folder).drive() == 0
+    assert [r["state"] for r in _manifest(folder)["runs"]] == ["finished"] * 3
 
 
 def test_a_driver_on_another_host_is_judged_by_its_heartbeat_and_stopped_by_a_request(tmp_path, monkeypatch,

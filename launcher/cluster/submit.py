@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shlex
 import subprocess
 import sys
@@ -310,16 +311,26 @@ def _now() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%S%z")
 
 
+# What slurmctld says when it is busy or briefly unreachable: worth trying again, not a refusal.
+PASSING = re.compile(r"Socket timed out|Unable to contact slurm controller|Resource temporarily unavailable|"
+                     r"slurm_receive_msg|try again|Transport endpoint", re.I)
+
+
+class SchedulerBusy(UserError):
+    """sbatch did not answer, or slurmctld was busy: the submission may be tried again as it is."""
+
+
 def _sbatch(argv: list[str], folder: Path) -> str:
     """Run sbatch; the job id. A time-out may still have created the job: the next submit finds it by
     its script (launcher.cluster.claim), so trying again is safe."""
     try:
         done = subprocess.run(argv, capture_output=True, text=True, timeout=SBATCH_TIMEOUT_S)
     except subprocess.TimeoutExpired:
-        raise UserError(f"sbatch did not answer in {SBATCH_TIMEOUT_S} s; Slurm may have created the job anyway. "
-                        f"Submit again: a job already queued for {folder} is found and named") from None
+        raise SchedulerBusy(f"sbatch did not answer in {SBATCH_TIMEOUT_S} s; Slurm may have created the job anyway. "
+                            f"Submit again: a job already queued for {folder} is found and named") from None
     if done.returncode != 0:
-        raise UserError(f"sbatch refused the job: {done.stderr.strip() or done.stdout.strip()}")
+        said = done.stderr.strip() or done.stdout.strip()
+        raise (SchedulerBusy if PASSING.search(said) else UserError)(f"sbatch refused the job: {said}")
     return done.stdout.strip().split(";")[0]
 
 

@@ -144,10 +144,14 @@ class Driver:
 
     def launch(self, record: dict) -> None:
         """Start the trial's run; a refusal (sbatch said no) leaves the trial open, to be tried again."""
+        from launcher.cluster.submit import SchedulerBusy
+
         try:
             self.executor.start(record)
         except UserError as err:
-            self.refusals += 1
+            # Slurm busy or slow to answer is passing: the trial waits and is submitted again, and only
+            # real refusals (a bad account, a full queue) count towards halting the search.
+            self.refusals += 0 if isinstance(err, SchedulerBusy) else 1
             record.update(state="refused", error=str(err), refused_at=time.time())
             self.save()
             self.log(f"{record['name']} was not started ({self.refusals} refusal(s) in a row): {err}")

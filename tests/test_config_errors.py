@@ -95,6 +95,7 @@ def test_batch_split_counts_world_size():
     (["recipe=prompt_tuning", "output.merge=true"], "cannot be merged"),
     (["recipe=lora", "eval.every_steps=null", "eval.early_stopping_patience=2"], "needs eval.every_steps"),
     (["recipe=lora", "distributed.machine_rank=1"], "machine_rank=1 must be below"),
+    (["recipe=full_fsdp", "train.optimizer=adamw_8bit"], "adamw_8bit does not run under distributed.backend=fsdp"),
 ])
 def test_incompatible_combinations(words, expected):
     assert expected in error_of(*words)

@@ -35,7 +35,8 @@ def reload_artifact(run, folder: Path, base_path: Path):
         kwargs["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type=recipe.peft.quant_type,
             bnb_4bit_use_double_quant=recipe.peft.double_quant,
-            bnb_4bit_compute_dtype=getattr(torch, recipe.peft.compute_dtype))
+            bnb_4bit_compute_dtype=getattr(torch, {"auto": "float32"}.get(  # auto is float32 on a CPU
+                recipe.peft.compute_dtype, recipe.peft.compute_dtype)))
     return PeftModel.from_pretrained(auto.from_pretrained(base_path, **kwargs), folder)
 
 

@@ -186,6 +186,11 @@ def check_recipe(recipe: "Recipe") -> list[str]:
     loopback = loopback_rendezvous_problem(dist)
     if loopback:
         problems.append(loopback)
+    if recipe.train.optimizer == "adamw_8bit" and dist.backend == "fsdp":
+        # bitsandbytes steps plain tensors through its own kernels; FSDP2's parameters are DTensor shards.
+        problems.append("train.optimizer=adamw_8bit does not run under distributed.backend=fsdp (bitsandbytes' 8-bit "
+                        "AdamW cannot step FSDP2's sharded DTensor parameters); use train.optimizer=adamw (FSDP "
+                        "already shards its state over the ranks), or distributed.backend=deepspeed with zero2")
     if recipe.train.precision == "fp16" and method == "qlora":
         problems.append("train.precision=fp16 with qlora is unstable; use bf16 or fp32")
     if recipe.train.precision == "fp16" and dist.backend == "fsdp":

@@ -35,8 +35,15 @@ class ModelConfig(Section):
     trust_remote_code: bool = Field(
         False, description="Run code shipped with the model. Off unless you trust the model's authors."
     )
-    dtype: Literal["float32", "bfloat16", "float16"] = Field(
-        "float32", description="Dtype the weights are loaded in (the trainable weights stay float32)."
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="Dtype the frozen weights are loaded in (trainable weights are kept float32). auto: the "
+        "compute dtype of train.precision (bfloat16 under bf16, float16 under fp16, else float32), except "
+        "peft.method=full, which loads float32 master weights (launcher/distributed/device_settings.py)."
+    )
+    attn_implementation: Literal["auto", "sdpa", "flash_attention_2", "flex_attention", "eager"] = Field(
+        "auto", description="Attention kernel transformers uses. auto: flash_attention_2 where the flash-attn "
+        "package, a GPU that runs it and a 16-bit precision are all there, else sdpa. The choice is recorded "
+        "in RUN/distributed.json; data.packing lays micro batches out as the kernel needs."
     )
 
 
@@ -63,8 +70,9 @@ class QLoraConfig(LoraConfig):
     method: Literal["qlora"] = Field(description="LoRA on a base model quantized to 4 bits by bitsandbytes.")
     quant_type: Literal["nf4", "fp4"] = Field("nf4", description="4-bit data type; nf4 suits normally distributed weights.")
     double_quant: bool = Field(True, description="Quantize the quantization constants too (saves ~0.4 bit/param).")
-    compute_dtype: Literal["float32", "bfloat16", "float16"] = Field(
-        "bfloat16", description="Dtype of the matmuls on dequantized weights."
+    compute_dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="Dtype of the matmuls on dequantized weights. auto: that of train.precision "
+        "(bfloat16 under bf16, float16 under fp16, float32 under fp32)."
     )
 
 
@@ -164,6 +172,11 @@ class DistributedConfig(Section):
         "and replicates across machines."
     )
     fsdp_cpu_offload: bool = Field(False, description="FSDP2: keep sharded parameters and optimizer state in CPU memory.")
+    fsdp_defer_gradient_sync: bool = Field(
+        False, description="FSDP2 with accumulation: reduce-scatter gradients once per optimizer step instead of after "
+        "every micro batch. Less communication, but every rank then holds the unsharded float32 gradients of every "
+        "trainable parameter until the step ends (`tunefleet plan` counts them). Off: gradients stay sharded."
+    )
     num_processes: int = Field(1, ge=1, description="Processes (GPUs, or CPU workers) per machine.")
     num_machines: int = Field(1, ge=1, description="Machines taking part in the run.")
     machine_rank: int = Field(0, ge=0, description="This machine's index, 0 .. num_machines-1.")

@@ -72,17 +72,18 @@ class Backend(Protocol):
         """Settings a checkpoint depends on: a resume that changes any of them is refused."""
 
 
-def make_backend(recipe, accumulation: int, precision: str) -> Backend:
-    """The backend `distributed.backend` names (imported lazily: each pulls its own libraries)."""
+def make_backend(recipe, accumulation: int, precision: str, settings=None) -> Backend:
+    """The backend `distributed.backend` names (imported lazily: each pulls its own libraries).
+    `settings`: the run's launcher.distributed.device_settings.DeviceSettings (None: a CPU's)."""
     backend = recipe.distributed.backend
     if backend == "fsdp":
         from launcher.distributed.fsdp_backend import FsdpBackend
 
-        return FsdpBackend(recipe, accumulation, precision)
+        return FsdpBackend(recipe, accumulation, precision, settings)
     if backend == "deepspeed":
         from launcher.distributed.deepspeed_backend import DeepSpeedBackend
 
-        return DeepSpeedBackend(recipe, accumulation, precision)
+        return DeepSpeedBackend(recipe, accumulation, precision, settings)
     from launcher.distributed.ddp_backend import DdpBackend
 
-    return DdpBackend(recipe, accumulation, precision)
+    return DdpBackend(recipe, accumulation, precision, settings)

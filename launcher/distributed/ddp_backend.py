@@ -22,7 +22,8 @@ class DdpBackend:
     sharded_state = False  # every rank holds the whole optimizer state: any world size may resume
     params_sharded = False
 
-    def __init__(self, recipe, accumulation: int, precision: str):
+    def __init__(self, recipe, accumulation: int, precision: str, settings=None):
+        self.settings = settings  # launcher.distributed.device_settings.DeviceSettings; None: a CPU's defaults
         self.recipe = recipe
         self.accumulation = accumulation
         self.precision = precision

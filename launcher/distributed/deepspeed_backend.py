@@ -18,13 +18,15 @@ from launcher.distributed import deepspeed_config
 
 
 class DeepSpeedBackend:
-    def __init__(self, recipe, accumulation: int, precision: str):
+    def __init__(self, recipe, accumulation: int, precision: str, settings=None):
+        self.settings = settings  # launcher.distributed.device_settings.DeviceSettings; None: a CPU's defaults
         self.recipe = recipe
         self.accumulation = accumulation
         self.precision = precision
         source = deepspeed_config.find_ds_config(recipe.distributed.config)
         raw = deepspeed_config.read_ds_config(recipe.distributed.config)
-        self.ds_config = deepspeed_config.resolve(raw, recipe, accumulation, precision, source=str(source))
+        self.ds_config = deepspeed_config.resolve(raw, recipe, accumulation, precision, source=str(source),
+                                                  settings=settings)
         self.stage = deepspeed_config.zero_stage(self.ds_config)
 
     @property

@@ -58,9 +58,32 @@ def recipe_values(recipe, accumulation: int, precision: str | None) -> dict:
     return values
 
 
-def resolve(config: dict, recipe, accumulation: int, precision: str | None, source: str = "DeepSpeed config") -> dict:
-    """Fill "auto" from the recipe; refuse values that disagree with it."""
+# Device choices a JSON may leave "auto" (the shipped ones do): they have no recipe key, so a JSON that
+# sets them is followed, not refused.
+DEVICE_KEYS = (("zero_optimization", "overlap_comm"), ("zero_optimization", "offload_optimizer", "pin_memory"),
+               ("zero_optimization", "offload_param", "pin_memory"))
+
+
+def fill_device_choices(config: dict, settings) -> None:
+    """overlap_comm (reduce gradients on a side CUDA stream while backward runs) and pinned offload
+    buffers: on for GPUs, off on a CPU, where both need CUDA (launcher.distributed.device_settings)."""
+    for path in DEVICE_KEYS:
+        node = config
+        for key in path[:-1]:
+            node = node.get(key)
+            if not isinstance(node, dict):
+                break
+        else:
+            if node.get(path[-1]) == "auto":
+                on = bool(settings and (settings.overlap_comm if path[-1] == "overlap_comm" else settings.pin_memory))
+                node[path[-1]] = on
+
+
+def resolve(config: dict, recipe, accumulation: int, precision: str | None, source: str = "DeepSpeed config",
+            settings=None) -> dict:
+    """Fill "auto" from the recipe and the device settings; refuse values that disagree with the recipe."""
     resolved = json.loads(json.dumps(config))
+    fill_device_choices(resolved, settings)
     drift = []
     for dotted, value in recipe_values(recipe, accumulation, precision).items():
         node, key = resolved, dotted

@@ -36,7 +36,8 @@ class FsdpBackend:
     sharded_state = False  # DCP reshards on load: any world size may resume
     params_sharded = True
 
-    def __init__(self, recipe, accumulation: int, precision: str):
+    def __init__(self, recipe, accumulation: int, precision: str, settings=None):
+        self.settings = settings  # launcher.distributed.device_settings.DeviceSettings; None: a CPU's defaults
         self.recipe = recipe
         self.accumulation = accumulation
         self.precision = precision
@@ -102,7 +103,8 @@ class FsdpBackend:
             "reshard_after_forward": self.sharding != "shard_grad_op",
         }
         if self.cpu_offload:
-            options["offload_policy"] = CPUOffloadPolicy(pin_memory=False)
+            # Pinned host memory lets shards copy to the GPU asynchronously (needs CUDA).
+            options["offload_policy"] = CPUOffloadPolicy(pin_memory=bool(self.settings and self.settings.pin_memory))
         if self.precision == "bf16":
             options["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
         blocks = transformer_layers(model)

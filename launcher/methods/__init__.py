@@ -1,7 +1,7 @@
 """Fine-tuning methods: one module each, chosen from this explicit table (never by string import).
 
 Every module has `apply(model, cfg, ctx) -> model`, which marks what trains (or wraps the model
-with a peft adapter). A module may also have `load_kwargs(cfg, device, task) -> dict`, extra
+with a peft adapter). A module may also have `load_kwargs(cfg, device, task, settings) -> dict`, extra
 `from_pretrained` arguments (QLoRA quantizes while loading).
 """
 

@@ -6,15 +6,17 @@ from launcher.methods.common import HEAD_MODULE_NAMES, MethodContext, wrap_with_
 from launcher.methods.lora import lora_config
 
 
-def load_kwargs(cfg, device: torch.device, task: str) -> dict:
-    """Extra from_pretrained arguments: quantize while loading, onto this process's device."""
+def load_kwargs(cfg, device: torch.device, task: str, settings=None) -> dict:
+    """Extra from_pretrained arguments: quantize while loading, onto this process's device. The compute
+    dtype is the device settings' (compute_dtype=auto follows train.precision)."""
     from transformers import BitsAndBytesConfig
 
     quantization = BitsAndBytesConfig(
         load_in_4bit=True,
         bnb_4bit_quant_type=cfg.quant_type,
         bnb_4bit_use_double_quant=cfg.double_quant,
-        bnb_4bit_compute_dtype=getattr(torch, cfg.compute_dtype),
+        bnb_4bit_compute_dtype=getattr(torch, settings.qlora_compute_dtype if settings else
+                                       ("float32" if cfg.compute_dtype == "auto" else cfg.compute_dtype)),
         # A new classification head starts random and trains in full: quantizing it breaks peft's
         # modules_to_save copy. Left unset for causal LMs, where transformers' own default list
         # keeps the output head (tied or not) unquantized.

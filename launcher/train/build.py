@@ -24,6 +24,7 @@ from launcher.config.schema import Recipe
 from launcher.data.batches import BatchPlan, example_lengths
 from launcher.data.prepare import PreparedData, prepare_data
 from launcher.distributed.backend import Backend, make_backend
+from launcher.distributed.device_settings import apply_process_settings
 from launcher.errors import UserError
 from launcher.methods import METHODS
 from launcher.methods.common import MethodContext, float32_trainable, parameter_counts
@@ -74,9 +75,16 @@ class RunAlreadyFinished(Exception):
 
 
 def mixed_precision(setting: str) -> str:
-    if setting == "auto":
-        return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
-    return {"fp32": "no"}.get(setting, setting)
+    from launcher.distributed.device_settings import resolve_precision, this_machine
+
+    return resolve_precision(setting, this_machine())
+
+
+def device_settings_of(recipe: Recipe):
+    """The recipe's device-dependent settings on this machine (launcher.distributed.device_settings)."""
+    from launcher.distributed import device_settings
+
+    return device_settings.resolve(recipe, device_settings.this_machine())
 
 
 def load_tokenizer(model_path: str, recipe: Recipe):
@@ -93,21 +101,25 @@ def load_tokenizer(model_path: str, recipe: Recipe):
 
 
 def load_model(model_path: str, recipe: Recipe, label_names: list[str] | None, device: torch.device,
-               on_meta: bool = False):
+               on_meta: bool = False, settings=None):
     """The pretrained model; with `on_meta`, the same model built from its config on the meta device
-    (no weights read: a rank that lean loading fills from rank 0, launcher.model.lean_load)."""
+    (no weights read: a rank that lean loading fills from rank 0, launcher.model.lean_load).
+    `settings` (launcher.distributed.device_settings) give the weight dtype, attention kernel and
+    QLoRA compute dtype; by default those of this machine."""
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
+    settings = settings or device_settings_of(recipe)
     method = METHODS[recipe.peft.method]
     kwargs = {
         "trust_remote_code": recipe.model.trust_remote_code,
         "revision": recipe.model.revision,
-        "dtype": getattr(torch, recipe.model.dtype),
+        "dtype": getattr(torch, settings.weight_dtype),
+        "attn_implementation": settings.attn_implementation,
     }
     if hasattr(method, "load_kwargs"):
         if on_meta:
             raise NotImplementedError(f"peft.method={recipe.peft.method} changes how the weights load")
-        kwargs.update(method.load_kwargs(recipe.peft, device, recipe.model.task))
+        kwargs.update(method.load_kwargs(recipe.peft, device, recipe.model.task, settings))
     if label_names:
         kwargs.update(num_labels=len(label_names), id2label=dict(enumerate(label_names)),
                       label2id={name: i for i, name in enumerate(label_names)})
@@ -121,12 +133,12 @@ def load_model(model_path: str, recipe: Recipe, label_names: list[str] | None, d
 
 
 def build_model(model_path: str, recipe: Recipe, label_names: list[str] | None, pad_token_id: int | None,
-                device: torch.device, on_meta: bool) -> torch.nn.Module:
+                device: torch.device, on_meta: bool, settings=None) -> torch.nn.Module:
     """The model as training starts: loaded (or built on meta), checkpointing set, the method applied."""
     # Seeded here, not once per run: a rank that tries the meta device and falls back rebuilds with
     # the same draws (adapter initialisation) as rank 0.
     _seed_everything(recipe.train.seed)
-    model = load_model(model_path, recipe, label_names, device, on_meta=on_meta)
+    model = load_model(model_path, recipe, label_names, device, on_meta=on_meta, settings=settings)
     if recipe.train.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=GRADIENT_CHECKPOINTING_KWARGS)
     # Training and evaluation never reuse keys and values; and with a cache transformers ignores the
@@ -181,8 +193,10 @@ def build_run(recipe: Recipe, recipe_name: str, command: list[str]) -> Run:
         distill.check_teacher_labels(distill_plan, data.label_names)
 
     use_cpu = not torch.cuda.is_available()
-    precision = mixed_precision(recipe.train.precision)
-    backend = make_backend(recipe, recipe.gradient_accumulation_steps, precision)
+    settings = device_settings_of(recipe)
+    apply_process_settings(settings)
+    precision = settings.precision
+    backend = make_backend(recipe, recipe.gradient_accumulation_steps, precision, settings)
     backend.prepare_environment()
     handlers = []
     if "WORLD_SIZE" in os.environ:
@@ -211,7 +225,7 @@ def build_run(recipe: Recipe, recipe_name: str, command: list[str]) -> Run:
 
     # The backend decides which ranks read the weights; the others build on the meta device.
     model = backend.build_model(accelerator, partial(build_model, model_path, recipe, data.label_names,
-                                                     tokenizer.pad_token_id, accelerator.device))
+                                                     tokenizer.pad_token_id, accelerator.device, settings=settings))
     from launcher.train.chunked_loss import prepare_chunked_loss
 
     teaching = bool(recipe.distill and recipe.distill.alpha > 0)  # alpha=0: labels alone, no teacher
@@ -240,7 +254,7 @@ def build_run(recipe: Recipe, recipe_name: str, command: list[str]) -> Run:
     made = []  # the raw optimizer: the schedule drives its param groups under every wrapper
 
     def make_optimizer(prepared_model, optimizer_class=None):
-        made.append(build_optimizer(prepared_model, recipe.train, optimizer_class))
+        made.append(build_optimizer(prepared_model, recipe.train, optimizer_class, fused=settings.fused_adamw))
         made.append(describe_optimizer(made[0]))  # before ZeRO swaps its groups for flat partitions
         return made[0]
 
@@ -263,6 +277,7 @@ def build_run(recipe: Recipe, recipe_name: str, command: list[str]) -> Run:
             "accelerate": {"distributed_type": accelerator.distributed_type.value, "device": str(accelerator.device),
                            "collective_timeout_minutes": recipe.distributed.timeout_minutes},
             "optimizer": made[1],
+            "device_settings": settings.as_json(),
             **backend.resolved_config(accelerator),
         })
     return Run(recipe=recipe, accelerator=accelerator, model=model, tokenizer=tokenizer, optimizer=optimizer,

@@ -49,8 +49,10 @@ def parameter_groups(model: nn.Module, lr: float, weight_decay: float, layer_lr_
     return list(groups.values())
 
 
-def build_optimizer(model: nn.Module, train_cfg, optimizer_class=None) -> torch.optim.Optimizer:
-    """AdamW over the parameter groups; `optimizer_class` lets a backend substitute its own (ZeRO-Offload)."""
+def build_optimizer(model: nn.Module, train_cfg, optimizer_class=None, fused: bool = False) -> torch.optim.Optimizer:
+    """AdamW over the parameter groups; `optimizer_class` lets a backend substitute its own (ZeRO-Offload).
+    `fused`: torch's fused AdamW kernel, one launch for all parameters (parameters on a GPU only:
+    launcher.distributed.device_settings decides)."""
     groups = parameter_groups(model, train_cfg.lr, train_cfg.weight_decay, train_cfg.layer_lr_decay)
     for group in groups:
         group.pop("names")
@@ -61,6 +63,8 @@ def build_optimizer(model: nn.Module, train_cfg, optimizer_class=None) -> torch.
         import bitsandbytes as bnb
 
         return bnb.optim.AdamW8bit(groups, **kwargs)
+    if fused:
+        kwargs["fused"] = True
     return torch.optim.AdamW(groups, **kwargs)
 
 

@@ -334,6 +334,11 @@ class EvalConfig(Section):
         default_factory=list, description="Prompts answered greedily at the end of a causal-LM run (written to samples.jsonl)."
     )
     sample_max_new_tokens: int = Field(48, ge=1, description="Length limit of each sample answer.")
+    gather_weights_gib: Optional[float] = Field(
+        None, ge=0, description="ZeRO-3 and FSDP: evaluation and sample answers run on whole weights gathered once "
+        "(instead of gathering every block in every forward, for every generated token) when they take at most "
+        "this many GiB per device. null: half the memory still free on the device; 0: never gather.",
+    )
 
 
 # ---------------------------------------------------------------------------- output

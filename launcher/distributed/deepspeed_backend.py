@@ -127,6 +127,13 @@ class DeepSpeedBackend:
 
         return deepspeed.zero.GatheredParameters([p for p in model.parameters() if p.requires_grad])
 
+    def gathered_for_inference(self, accelerator, model):
+        """ZeRO-3: every partition gathered once, with the engine's per-module gather hooks off
+        (launcher.distributed.inference_weights decides when it fits)."""
+        from launcher.distributed.inference_weights import deepspeed_gathered
+
+        return deepspeed_gathered(model)
+
     def save_state(self, accelerator, folder: str, model, optimizer, scheduler) -> None:
         accelerator.save_state(folder, exclude_frozen_parameters=True)
 

@@ -56,6 +56,8 @@ class Run:
     resume_from: Path | None = None  # the checkpoint train.resume resolved to
     resumed_state: dict | None = None  # its trainer state, checked against this run
     teacher: object | None = None  # launcher.train.distill.Teacher when the recipe distills
+    layout: str = "none"  # how micro batches are laid out (data.packing resolved for this model)
+    inference_gather: object | None = None  # the last launcher.distributed.inference_weights.GatherDecision
 
     @property
     def is_main(self) -> bool:
@@ -283,7 +285,7 @@ def build_run(recipe: Recipe, recipe_name: str, command: list[str]) -> Run:
     return Run(recipe=recipe, accelerator=accelerator, model=model, tokenizer=tokenizer, optimizer=optimizer,
                scheduler=scheduler, data=data, plan=plan, total_steps=total_steps, run_dir=run_dir,
                trainable_params=trainable, total_params=total, backend=backend, resume_from=resume_from,
-               resumed_state=resumed_state, teacher=teacher)
+               resumed_state=resumed_state, teacher=teacher, layout=layout)
 
 
 LAYOUT_WORDS = {

@@ -40,8 +40,8 @@ def classification_metrics(confusion: torch.Tensor) -> dict[str, float]:
 
 
 @torch.no_grad()
-def evaluate(model, dataset, *, accelerator, batch_size: int, pad_token_id: int, num_labels: int | None
-             ) -> dict[str, float]:
+def evaluate(model, dataset, *, accelerator, batch_size: int, pad_token_id: int, num_labels: int | None,
+             forwards_are_collective: bool = True) -> dict[str, float]:
     from launcher.outputs.progress import progress_bar
 
     was_training = model.training
@@ -50,18 +50,21 @@ def evaluate(model, dataset, *, accelerator, batch_size: int, pad_token_id: int,
     loss_sum = torch.zeros((), dtype=torch.float64, device=accelerator.device)
     targets = torch.zeros((), dtype=torch.float64, device=accelerator.device)
     confusion = torch.zeros((num_labels or 1, num_labels or 1), dtype=torch.long, device=accelerator.device)
-    # Every rank runs the same number of forward passes: with sharded parameters (ZeRO-3, FSDP) each
-    # forward is a collective, so a rank with fewer examples runs a filler batch and ignores it.
+    # Every rank runs the same number of forward passes where each forward is a collective (sharded
+    # parameters not gathered for inference): a rank with fewer examples runs a filler batch and ignores it.
     per_rank = -(-len(dataset) // accelerator.num_processes)
     progress = progress_bar(-(-per_rank // batch_size), "evaluating", enabled=accelerator.is_main_process,
                             unit="batches", leave=False, every_percent=None)
     for start in range(0, per_rank, batch_size):
         progress.update(1)
         chunk = indices[start : start + batch_size]
+        if not chunk and not forwards_are_collective:
+            break  # whole weights on every rank: no filler forward to keep in step with
         batch = collate(dataset.select(chunk or [0]), pad_token_id)
         batch = {k: v.to(accelerator.device) for k, v in batch.items()}
         if not chunk:
-            model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+            if forwards_are_collective:
+                model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
             continue
         n = count_targets(batch["labels"])
         if num_labels:

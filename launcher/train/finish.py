@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from typing import TYPE_CHECKING, Callable
 
 from launcher.outputs.run_dir import write_json
@@ -34,7 +35,7 @@ def finish_run(run: Run, state: dict, *, elapsed: float, stop_point: Callable[[]
     if summary["eval_start"] and summary["eval_final"]:
         announce(f"eval_loss before -> after: {summary['eval_start']['eval_loss']:.4f} -> "
                  f"{summary['eval_final']['eval_loss']:.4f}", run.is_main)
-    samples = _write_samples(run, state["samples_before"])
+    samples = _write_samples(run, state)
     write_rank_summary(run, state["step"], final_state)
     stop_point()
     if recipe.output.merge and run.is_main:
@@ -54,15 +55,25 @@ def finish_run(run: Run, state: dict, *, elapsed: float, stop_point: Callable[[]
         "best": ({"metric": metric_key, "value": state["best_value"], "step": state["best_step"]}
                  if state["best_step"] else None),
         **summary, "samples": samples,
+        # Where the run's time went, per part (evaluation and samples include gathering sharded weights).
+        "seconds": {"training": state["train_seconds"], "evaluation": state.get("eval_seconds", 0.0),
+                    "samples": state.get("samples_seconds", 0.0),
+                    "checkpoints": state.get("checkpoint_seconds", 0.0), "total": elapsed},
     }
+    seconds = result["seconds"]
+    announce(f"time: training {seconds['training']:.1f}s, evaluation {seconds['evaluation']:.1f}s, sample answers "
+             f"{seconds['samples']:.1f}s, checkpoints {seconds['checkpoints']:.1f}s of {elapsed:.1f}s", run.is_main)
     if run.is_main:
         write_json(run.run_dir / "metrics.json", result)
         write_status(run.run_dir, FINISHED, step=state["step"], total_steps=run.total_steps)
     return result
 
 
-def _write_samples(run: Run, samples_before: list[dict]) -> list[dict]:
+def _write_samples(run: Run, state: dict) -> list[dict]:
+    started = time.perf_counter()
     samples = generate_samples(run)
+    state["samples_seconds"] = state.get("samples_seconds", 0.0) + time.perf_counter() - started
+    samples_before = state["samples_before"]
     for sample, before in zip(samples, samples_before):
         sample["before_training"] = before["answer"]
     if run.is_main and samples:

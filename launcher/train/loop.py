@@ -9,13 +9,13 @@ RUN/status.json (running, interrupted, finished, failed).
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import time
 from pathlib import Path
 
 import torch
 
-from launcher.config.compat import resolved_packing
 from launcher.data.augment import build_augmenter
 from launcher.data.loader import StepDataset, step_feed
 from launcher.outputs.metrics_log import MetricsLog
@@ -40,7 +40,20 @@ def fresh_state() -> dict:
             "stopped_early": False, "samples_before": [],  # answers before training, kept for a resumed run
             "eval_start": None, "eval_final": None, "tokens_done": 0, "elapsed": 0.0,
             # Throughput over training steps only (evaluation excluded), data waits included.
-            "slots_done": 0, "flops_done": 0.0, "train_seconds": 0.0}
+            "slots_done": 0, "flops_done": 0.0, "train_seconds": 0.0,
+            # Where the rest of the time goes (metrics.json "seconds"): under sharded backends evaluation
+            # and sample answers can cost more than training itself.
+            "eval_seconds": 0.0, "samples_seconds": 0.0, "checkpoint_seconds": 0.0}
+
+
+@contextlib.contextmanager
+def timed(state: dict, key: str):
+    """Add the seconds spent inside to state[key]."""
+    started = time.perf_counter()
+    try:
+        yield
+    finally:
+        state[key] = state.get(key, 0.0) + time.perf_counter() - started
 
 
 def _restore(run: Run, log: MetricsLog) -> dict:
@@ -76,9 +89,10 @@ def _checkpoint(run: Run, state: dict) -> Path:
     trainer_state = {**state, "world_size": run.accelerator.num_processes,
                      "recipe": run.recipe.model_dump(mode="json"), "backend": run.backend.resume_fingerprint(),
                      "data_key": _data_key(run), "total_steps": run.total_steps}
-    path = save_checkpoint(run, state["step"], trainer_state, keep=run.recipe.train.keep_checkpoints)
-    faults.slow_checkpoint()
-    publish_best(run, state)
+    with timed(state, "checkpoint_seconds"):
+        path = save_checkpoint(run, state["step"], trainer_state, keep=run.recipe.train.keep_checkpoints)
+        faults.slow_checkpoint()
+        publish_best(run, state)
     return path
 
 
@@ -128,7 +142,7 @@ def _log_row(run: Run, step: int, result, seconds: float, waited: float, flops: 
 
 
 def _feed(run: Run, first_step_index: int):
-    dataset = StepDataset(run.data.train, run.plan, resolved_packing(run.recipe), run.recipe.data.max_seq_len,
+    dataset = StepDataset(run.data.train, run.plan, run.layout, run.recipe.data.max_seq_len,
                           run.tokenizer.pad_token_id, run.total_steps, causal=run.num_labels is None,
                           augment=build_augmenter(run.recipe, run.tokenizer))  # training data only, never eval
     return step_feed(dataset, first_step_index, run.recipe.data.loader_workers,
@@ -166,14 +180,17 @@ def _train_steps(run: Run) -> dict:
         heartbeat.start(run.is_main)
         has_eval = run.data.eval is not None and len(run.data.eval) > 0
         fresh_start = state["step"] == 0
+        started = time.perf_counter() - state["elapsed"]  # the opening evaluation counts too
         if has_eval and recipe.eval.at_start and fresh_start:
             heartbeat.beat("evaluating")
-            state["eval_start"] = run_evaluation(run)
+            with timed(state, "eval_seconds"):
+                state["eval_start"] = run_evaluation(run)
             log.log(0, state["eval_start"])
             announce(f"eval before training: {format_metrics(state['eval_start'])}", run.is_main)
         if recipe.eval.at_start and fresh_start:
             heartbeat.beat("evaluating")
-            state["samples_before"] = generate_samples(run)
+            with timed(state, "samples_seconds"):
+                state["samples_before"] = generate_samples(run)
         # This run's checkpoint of state["step"], if any (a step is checkpointed once). One resumed
         # from another run's folder has none of its own yet.
         resumed_here = run.resume_from is not None and Path(run.resume_from).parent == checkpoint_root(run.run_dir)
@@ -181,7 +198,6 @@ def _train_steps(run: Run) -> dict:
         # A stop during a long opening evaluation is honoured now, not after the first step.
         _stop_if_signalled(run, state, stop, log, last_checkpoint, when=" before the first step")
 
-        started = time.perf_counter() - state["elapsed"]
         progress = progress_bar(total=run.total_steps, desc="training", enabled=run.is_main, initial=state["step"])
         run.model.train()
         flops = FlopsModel.of(run.model)
@@ -204,7 +220,8 @@ def _train_steps(run: Run) -> dict:
             every = recipe.eval.every_steps
             if has_eval and ((every and step % every == 0) or step == run.total_steps):
                 heartbeat.beat("evaluating")
-                metrics, state["stopped_early"] = evaluate_and_select(run, state, step)
+                with timed(state, "eval_seconds"):
+                    metrics, state["stopped_early"] = evaluate_and_select(run, state, step)
                 row.update(metrics)
                 if state["stopped_early"]:
                     announce(f"early stop at step {step}: {recipe.eval.metric} has not improved for "

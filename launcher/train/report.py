@@ -24,20 +24,32 @@ if TYPE_CHECKING:
 def generate_samples(run: Run) -> list[dict]:
     """Greedy answers to eval.sample_prompts. With sharded parameters every rank must take part in
     each forward pass; otherwise only the main process generates."""
+    from launcher.distributed.inference_weights import for_inference
+
     recipe = run.recipe
     if not recipe.eval.sample_prompts or not (run.is_main or run.backend.params_sharded):
         return []
+    with for_inference(run) as whole:
+        # With whole weights on every rank a forward is no collective: the main process answers alone.
+        if whole and not run.is_main:
+            return []
+        return _answers(run, synced=not whole and run.accelerator.num_processes > 1)
+
+
+def _answers(run: Run, synced: bool) -> list[dict]:
+    recipe = run.recipe
     model = run.accelerator.unwrap_model(run.model)
+    was_training = model.training
     model.eval()
     samples = []
     for prompt in recipe.eval.sample_prompts:
         text = render_prompt(run.tokenizer, recipe.data.prompt_template, prompt)
         encoded = run.tokenizer(text, return_tensors="pt", add_special_tokens=False).to(run.accelerator.device)
-        output = model.generate(**encoded, max_new_tokens=recipe.eval.sample_max_new_tokens, do_sample=False, use_cache=True,
-                                pad_token_id=run.tokenizer.pad_token_id,
-                                synced_gpus=run.backend.params_sharded and run.accelerator.num_processes > 1)
+        output = model.generate(**encoded, max_new_tokens=recipe.eval.sample_max_new_tokens, do_sample=False,
+                                use_cache=True, pad_token_id=run.tokenizer.pad_token_id, synced_gpus=synced)
         answer = run.tokenizer.decode(output[0, encoded["input_ids"].shape[1]:], skip_special_tokens=True)
         samples.append({"prompt": prompt, "answer": answer.strip()})
+    model.train(was_training)
     return samples
 
 

@@ -30,10 +30,13 @@ MAY_CHANGE_ON_RESUME = (
     "distributed.main_process_ip", "distributed.main_process_port", "distributed.timeout_minutes",
     "distributed.config",  # compared by content through the backend fingerprint instead of by name
     "distributed.fsdp_sharding", "distributed.fsdp_cpu_offload",  # DCP reshards on load
+    "distributed.fsdp_defer_gradient_sync",  # when gradients are reduced, not what they sum to
+    "model.attn_implementation",  # the attention kernel, not the math
     "train.micro_batch_size", "train.gradient_checkpointing", "train.log_every", "train.checkpoint_every",
     "train.keep_checkpoints", "train.resume", "train.chunked_loss",
     "data.packing", "data.loader_workers",  # how a step's examples are laid out, not which ones
     "eval.batch_size", "eval.at_start", "eval.sample_prompts", "eval.sample_max_new_tokens",
+    "eval.gather_weights_gib",
     "output.dir", "output.merge",
     "output.trackers", "output.project", "output.run_name",  # where metrics are sent, not what they are
 )

@@ -30,10 +30,14 @@ def eval_key(name: str) -> str:
 
 
 def run_evaluation(run: Run) -> dict[str, float]:
-    metrics = evaluate(
-        run.model, run.data.eval, accelerator=run.accelerator, batch_size=run.recipe.eval.batch_size,
-        pad_token_id=run.tokenizer.pad_token_id, num_labels=run.num_labels,
-    )
+    from launcher.distributed.inference_weights import for_inference
+
+    with for_inference(run) as whole:
+        metrics = evaluate(
+            run.model, run.data.eval, accelerator=run.accelerator, batch_size=run.recipe.eval.batch_size,
+            pad_token_id=run.tokenizer.pad_token_id, num_labels=run.num_labels,
+            forwards_are_collective=run.backend.params_sharded and not whole,
+        )
     return {eval_key(k): v for k, v in metrics.items()}
 
 

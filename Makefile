@@ -10,7 +10,7 @@ export TORCH_EXTENSIONS_DIR ?= $(HOME)/.cache/torch_extensions
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: venv demo test test-fast clean clear-stale-locks
+.PHONY: venv demo test test-fast gpu-check clean clear-stale-locks
 
 venv: $(STAMP)
 
@@ -36,6 +36,11 @@ test: $(STAMP) clear-stale-locks
 
 test-fast: $(STAMP) clear-stale-locks
 	$(PY) -m pytest -q -m "not slow"
+
+# On a machine with an NVIDIA GPU: its own environment (.venv-gpu, on the site's CUDA torch), the GPU
+# tests, and the measurements a CPU cannot make (benchmarks/gpu_check.py says which).
+gpu-check:
+	scripts/gpu-check.sh
 
 clean:
 	rm -rf $(VENV) runs

@@ -74,7 +74,11 @@ def load_model(model_path: str, recipe):
     import torch
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=getattr(torch, recipe.model.dtype))
+    from launcher.distributed import device_settings
+
+    # The dtype tunefleet loads in on this device (model.dtype=auto resolves per device): the same for everyone.
+    dtype = device_settings.resolve(recipe, device_settings.this_machine()).weight_dtype
+    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=getattr(torch, dtype))
     return model
 
 

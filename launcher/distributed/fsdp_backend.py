@@ -14,6 +14,16 @@ With more than one process, only global rank 0 reads the weights; the others bui
 the meta device and are filled from rank 0 after sharding (launcher.model.lean_load), so host
 memory does not grow with the processes per machine. TUNEFLEET_FSDP_FULL_LOAD=1 makes every rank
 load instead: a debugging switch, to compare the two (rank 0's value decides for all ranks).
+Either way the whole model is never moved to a device: each rank's device receives its shards
+only, and with cpu offload parameters stay on the host (see lean_load's docstring for how).
+
+Gradients stay sharded between micro batches: each micro batch's backward reduce-scatters, and
+FSDP2 adds the result into the sharded `.grad` (torch/distributed/fsdp/_fully_shard/
+_fsdp_collectives.py `foreach_reduce`: `sharded_param.grad._local_tensor += new_sharded_grad`), as
+torchtitan and torchtune do. distributed.fsdp_defer_gradient_sync=true reduces once per step
+instead (`set_requires_gradient_sync(False)` before the other micro batches): fewer collectives,
+but until the step's last backward every rank holds the unsharded float32 gradient of every
+trainable parameter (_fsdp_param.py `to_accumulated_grad_if_needed` keeps it in the reduce dtype).
 """
 
 from __future__ import annotations
@@ -43,6 +53,7 @@ class FsdpBackend:
         self.precision = precision
         self.sharding = recipe.distributed.fsdp_sharding
         self.cpu_offload = recipe.distributed.fsdp_cpu_offload
+        self.defer_gradient_sync = recipe.distributed.fsdp_defer_gradient_sync
         self.loading: lean_load.LoadRecord | None = None  # set by build_model
 
     @property
@@ -95,8 +106,9 @@ class FsdpBackend:
         if self.loading is not None:  # the record that this rank held no weights
             self.loading.params_on_meta_before_sharding = _gather(all(p.is_meta for p in model.parameters()),
                                                                   accelerator.num_processes)
-        if not any(p.is_meta for p in model.parameters()):  # a meta rank's shards are allocated after sharding
-            model.to(accelerator.device)
+        # Never model.to(device): a model larger than one device could not load, and that is why one
+        # shards. The weights this rank holds go aside on the host; fully_shard then moves only buffers.
+        whole = lean_load.park_on_meta(model)
         options = {
             "mesh": self._mesh(accelerator),
             # shard_grad_op keeps parameters gathered from forward to backward: less traffic, more memory.
@@ -112,11 +124,13 @@ class FsdpBackend:
         for block in blocks:
             fully_shard(block, **options)
         fully_shard(model, **options)
+        device = torch.device("cpu") if self.cpu_offload else accelerator.device  # where shards live
         if lean:
-            device = torch.device("cpu") if self.cpu_offload else accelerator.device
             self.loading.broadcast_buffers = lean_load.fill_from_rank0(
                 model, source, device=device, buffer_device=accelerator.device, tied=self.loading.tied)
-            del source  # rank 0's whole tensors: its shards are copies
+        else:
+            lean_load.fill_from_host(model, whole, device)
+        del source, whole  # the whole host tensors: the shards are copies
         if hasattr(model, "generate"):
             # generate() bypasses the root's forward, and with it the hook that gathers the root's own
             # parameters (embeddings, head): register it as a forward method.
@@ -125,8 +139,18 @@ class FsdpBackend:
         return model, optimizer
 
     def sync_gradients(self, accelerator, model, sync: bool) -> None:
-        # Reduce-scatter gradients only after the last micro batch of the step.
-        model.set_requires_gradient_sync(sync)
+        if self.defer_gradient_sync:
+            # Asked for: no collective until the step's last micro batch, unsharded gradients until then.
+            model.set_requires_gradient_sync(sync)
+        elif self.sharding == "hybrid_shard":
+            # Reduce-scatter within the machine every micro batch (gradients stay sharded), but
+            # all-reduce across machines, over the slow links, once per step: FSDP2 adds the micro
+            # batches' shards into one buffer of the shard's size (_fsdp_collectives.py
+            # `partial_reduce_output`) and all-reduces that at the last. Same memory, same sum.
+            model.set_requires_all_reduce(sync)
+        # full_shard / shard_grad_op: FSDP2's default, reduce-scatter after every backward. Parameters
+        # are resharded after every backward in all modes (set_reshard_after_backward stays True):
+        # keeping them gathered across micro batches would save all-gathers at the cost of whole blocks.
 
     def backward(self, accelerator, loss: torch.Tensor) -> None:
         loss.backward()  # bf16 needs no loss scaling; fp16 is refused for FSDP (launcher.config.compat)
@@ -198,9 +222,19 @@ class FsdpBackend:
         return {"backend": self.name, "fsdp": {
             "sharding": self.sharding, "cpu_offload": self.cpu_offload,
             "reshard_after_forward": self.sharding != "shard_grad_op",
+            "defer_gradient_sync": self.defer_gradient_sync, "gradient_reduction": self._gradient_reduction(),
             "param_dtype": "bfloat16" if self.precision == "bf16" else "float32", "reduce_dtype": "float32",
             "units": f"each of the {self.num_units} transformer blocks ({self.block_class}), then the root",
             "model_loading": self.loading.as_json() if self.loading else None}}
+
+    def _gradient_reduction(self) -> str:
+        if self.defer_gradient_sync:
+            return ("once per step, after the last micro batch: until then every rank holds the unsharded float32 "
+                    "gradients of every trainable parameter")
+        if self.sharding == "hybrid_shard":
+            return ("reduce-scatter within the machine after every micro batch, all-reduce across machines once per "
+                    "step: gradients stay sharded")
+        return "reduce-scatter after every micro batch: gradients stay sharded"
 
     def resume_fingerprint(self) -> dict:
         # The sharding mode and offload change only where shards live; DCP reshards on load.

@@ -1,5 +1,6 @@
-"""Lean loading for sharded training: only global rank 0 reads the weights; every other rank builds
-the same model on the meta device and, once the model is sharded, receives its shards from rank 0.
+"""How weights reach a sharded model: lean loading (only global rank 0 reads the weights; every other
+rank builds the same model on the meta device and, once the model is sharded, receives its shards
+from rank 0), and sharding a model a rank holds whole on the host without moving it to the device.
 
 Why: when every rank loads, each process holds a whole copy of the model in host memory before
 sharding keeps its part, so host memory grows with the processes per machine. Here a rank other
@@ -13,11 +14,22 @@ All ranks go through the same steps, in step:
    could not build on meta, or built something else, every rank falls back to loading the weights
    itself and the reason is recorded.
 2. `source_state`, on rank 0 before sharding: the whole tensors it will send.
-3. After sharding, `fill_from_rank0`: the meta ranks allocate their shards (`to_empty`), then
+3. After sharding, `fill_from_rank0`: every rank allocates its shards, then
    `set_model_state_dict(..., broadcast_from_rank0=True)` sends tensor after tensor and each rank
    keeps its slice. Buffers left out of the state dict (rotary `inv_freq`) are uninitialised
-   memory after `to_empty`: they are broadcast too. Adapter initial values, random on rank 0, reach
+   memory on the meta ranks: they are broadcast too. Adapter initial values, random on rank 0, reach
    every rank the same way.
+
+Whole weights never go to the device before sharding. FSDP2's fully_shard moves every parameter it
+is handed that is not on meta to the mesh's device whole, then cuts its shard there
+(torch/distributed/fsdp/_fully_shard/_fsdp_init.py `_move_states_to_device`, also with
+CPUOffloadPolicy, which copies the shard back to the host afterwards: _fsdp_param.py
+`_init_sharded_param`). So a rank holding weights (every rank when each loads, rank 0 when lean)
+first swaps its parameters for meta ones (`park_on_meta`), keeping the host tensors; fully_shard then
+moves only buffers; after sharding each rank copies its slice straight into its shard
+(`fill_from_host`), or rank 0 sends its tensors (`fill_from_rank0`). The device never holds more
+than this rank's shards (plus, when lean, the one tensor being broadcast), and with
+fsdp_cpu_offload parameters never leave the host.
 """
 
 from __future__ import annotations
@@ -178,8 +190,7 @@ def fill_from_rank0(model: nn.Module, source: dict | None, device: torch.device,
     import torch.distributed as dist
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
-    if any(t.is_meta for t in model.parameters()) or any(b.is_meta for b in model.buffers()):
-        model.to_empty(device=device)  # uninitialised memory for this rank's shards, overwritten below
+    _materialize(model, device)  # uninitialised memory for this rank's shards, overwritten below
     # Rank 0 sends each whole tensor in turn; every rank copies its own slice into its shard. Keys under
     # a module's second path are left out (see _alias_prefixes): the first path fills that module.
     aliases = _alias_prefixes(model)
@@ -220,3 +231,51 @@ def _broadcast_unsaved_buffers(model: nn.Module, device: torch.device) -> list[s
         dist.broadcast(tensor, src=0)
         module._buffers[name] = tensor
     return sorted(unsaved)
+
+
+def park_on_meta(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Before sharding: swap every parameter that holds data for an empty one on the meta device, so
+    that fully_shard cannot move it to the device whole; return the host tensors under every name
+    of each parameter (tied ones under each). Buffers stay: fully_shard moves them, they are small."""
+    swapped: dict[int, nn.Parameter] = {}
+    whole: dict[str, torch.Tensor] = {}
+    for prefix, module in model.named_modules(remove_duplicate=False):
+        for name, param in module._parameters.items():
+            if param is None or param.is_meta:
+                continue
+            whole[f"{prefix}.{name}".lstrip(".")] = param.detach()
+            if id(param) not in swapped:  # one new parameter per old one: ties stay ties
+                swapped[id(param)] = nn.Parameter(torch.empty_like(param, device="meta"),
+                                                  requires_grad=param.requires_grad)
+    for module in model.modules():
+        for name, param in module._parameters.items():
+            if param is not None and id(param) in swapped:
+                module._parameters[name] = swapped[id(param)]
+    return whole
+
+
+def fill_from_host(model: nn.Module, whole: dict[str, torch.Tensor], device: torch.device) -> None:
+    """After sharding a model whose parameters `park_on_meta` took aside: allocate this rank's shards
+    on `device` and copy into each only its own slice of the whole host tensor. No collective: every
+    rank holds the whole tensors."""
+    from torch.distributed.tensor import DTensor
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    _materialize(model, device)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            source = whole[name]
+            if isinstance(param, DTensor):
+                # The same slice torch's own state-dict loading cuts (_state_dict_utils._distribute_tensors).
+                shape, offset = compute_local_shape_and_global_offset(source.shape, param.device_mesh, param.placements)
+                source = source[tuple(slice(start, start + size) for size, start in zip(shape, offset))]
+                param = param.to_local()
+            param.copy_(source)  # host to device: one shard, never the whole tensor
+
+
+def _materialize(model: nn.Module, device: torch.device) -> None:
+    """Uninitialised memory on `device` for every tensor still on meta (`to_empty` for those alone:
+    buffers fully_shard already moved to the device keep their values). Through `_apply`, which
+    FSDP2 overrides to re-register the new local shards."""
+    if any(t.is_meta for t in model.parameters()) or any(b.is_meta for b in model.buffers()):
+        model._apply(lambda t: torch.empty_like(t, device=device) if t.is_meta else t)

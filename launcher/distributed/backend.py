@@ -44,7 +44,9 @@ class Backend(Protocol):
         """Wrap or shard the model, build the optimizer with `make_optimizer(model)`; return both."""
 
     def sync_gradients(self, accelerator, model, sync: bool) -> None:
-        """Before a micro batch's forward: reduce its gradients over ranks only if `sync` (the step's last)."""
+        """Before a micro batch's forward: `sync` marks the step's last micro batch, by which time every
+        gradient must be reduced over ranks; a backend may reduce earlier (FSDP2 reduce-scatters every
+        micro batch, so gradients stay sharded) or only then (DDP, ZeRO)."""
 
     def backward(self, accelerator, loss: torch.Tensor) -> None:
         """Accumulate the gradients of `loss` (already normalised: do not rescale it)."""

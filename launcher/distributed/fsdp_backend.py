@@ -180,6 +180,13 @@ class FsdpBackend:
                     whole[key] = value.detach().to("cpu", copy=True)
         return whole
 
+    def gathered_for_inference(self, accelerator, model):
+        """Every unit unsharded once and kept so across forwards (launcher.distributed.inference_weights
+        decides when it fits); the blocks reshard after forward again afterwards unless shard_grad_op."""
+        from launcher.distributed.inference_weights import fsdp_unsharded
+
+        return fsdp_unsharded(model, blocks_reshard_after_forward=self.sharding != "shard_grad_op")
+
     @contextlib.contextmanager
     def whole_parameters(self, accelerator, model):
         """Every rank unshards the root (and with it the adapter parameters that live there), so the

@@ -292,3 +292,32 @@ def test_shipped_data_token_lengths_span_tens_to_hundreds():
     q = long_data.quantiles(lengths)
     assert q["p0"] < 100 and q["p5"] < 150 and q["p95"] > 300 and q["p100"] < 800
     assert 150 <= q["mean"] <= 250
+
+
+# ---------------------------------------------------------------------------- make gpu-check
+
+
+def test_gpu_check_says_why_it_cannot_run_without_a_gpu_and_writes_nothing(tmp_path):
+    """`make gpu-check` is shown in the README: off a GPU machine it must end with one clear line, exit 2,
+    and leave no results file behind (CI never has a GPU; the real run is the first lent device's)."""
+    if subprocess.run(["sh", "-c", "command -v nvidia-smi"], capture_output=True).returncode == 0:
+        pytest.skip("an NVIDIA driver is here: the check would really run")
+    before = sorted((ROOT / "benchmarks" / "results").glob("gpu-check-*"))
+    script = subprocess.run(["make", "-s", "gpu-check"], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert script.returncode != 0 and "needs an NVIDIA GPU" in script.stderr
+    direct = subprocess.run([sys.executable, "benchmarks/gpu_check.py", "--work-dir", str(tmp_path)], cwd=ROOT,
+                            capture_output=True, text=True, timeout=120)
+    assert direct.returncode == 2 and "no CUDA GPU" in direct.stderr and "Traceback" not in direct.stderr
+    assert sorted((ROOT / "benchmarks" / "results").glob("gpu-check-*")) == before
+
+
+def test_gpu_check_table_marks_failed_parts():
+    from benchmarks import gpu_check
+
+    result = {"device": "NVIDIA H100 80GB HBM3", "date": "2026-12-07", "command": "gpu_check.py", "parts": {
+        "gpu_tests": {"exit": 0, "ok": True},
+        "methods": {"lora": {"ok": True, "first_loss": 2.5, "peak_memory_mb": 3072, "tokens_per_s": 9000}},
+        "packing": {"sdpa-pack": {"ok": False, "log_tail": "boom"}, "sdpa-difference": 1e-6}}}
+    table = gpu_check.table(result)
+    assert "| methods | lora | yes | 2.5 | 3.00 |" in table
+    assert "| packing | sdpa-pack | NO |" in table and "1.00e-06" in table

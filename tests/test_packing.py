@@ -1,4 +1,5 @@
-"""Micro batch layouts (pack, group_by_length, none) change padding, never the math; the feed; throughput."""
+"""Micro batch layouts (pack, pack_flat, group_by_length, none) change padding, never the math; the check that
+a model keeps packed examples apart (launcher/data/packing_check.py); the feed; throughput."""
 
 from pathlib import Path
 
@@ -6,8 +7,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from launcher.data.batches import BatchPlan, collate, count_targets, pack
+from launcher.config.load import load_recipe
+from launcher.data import packing_check
+from launcher.data.batches import BatchPlan, collate, count_targets, flatten, lay_out, pack
 from launcher.data.formats import IGNORE
+from launcher.errors import UserError
 from launcher.data.loader import StepDataset, step_feed
 from launcher.train.throughput import PEAK_FLOPS, FlopsModel, device_peak_flops
 from tests.helpers import read_jsonl, run_in_process
@@ -46,42 +50,127 @@ def test_pack_fills_rows_and_restarts_positions():
     assert count_targets(labels) == count_targets(collate(rows, 0)["labels"])
 
 
+def test_flattened_micro_batch_is_one_unpadded_row_with_restarting_positions():
+    """What flash attention needs: transformers derives cu_seqlens from the position ids of a batch of one row."""
+    rows = examples([7, 5, 12, 3])
+    flat = flatten(rows)
+    ids, positions, labels = flat["input_ids"], flat["position_ids"], flat["labels"]
+    assert "attention_mask" not in flat and ids.shape == positions.shape == labels.shape == (1, 27)
+    assert ids[0].tolist() == [t for e in rows for t in e["input_ids"]]  # in order, no padding
+    at = 0
+    for example in rows:
+        n = len(example["input_ids"])
+        assert positions[0, at : at + n].tolist() == list(range(n))
+        # Not predicted from the previous example's last token; the rest aligned with the example's labels.
+        assert labels[0, at] == IGNORE and labels[0, at + 1 : at + n].tolist() == example["labels"][1:]
+        at += n
+    assert count_targets(labels) == count_targets(collate(rows, 0)["labels"])
+    assert torch.equal(lay_out(rows, "pack_flat", 16, 0)["input_ids"], ids)
+    assert torch.equal(lay_out(rows, "pack", 16, 0)["position_ids"], pack(rows, 16, 0)["position_ids"])
+    assert "attention_mask" in lay_out(rows, "group_by_length", 16, 0)
+    with pytest.raises(ValueError, match="unknown micro batch layout"):
+        lay_out(rows, "packed", 16, 0)
+
+
 def test_packed_loss_and_gradients_equal_the_padded_ones(tiny_llama):
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
     rows = examples([30, 11, 45, 6, 22, 17], seed=1)
     grads = {}
-    for layout in ("padded", "packed"):
+    for layout in ("padded", "packed", "flat"):
         torch.manual_seed(0)
-        model = AutoModelForCausalLM.from_pretrained(tiny_llama)
+        model = AutoModelForCausalLM.from_pretrained(tiny_llama, attn_implementation="sdpa")
         model.config.use_cache = False
         model = get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj", "v_proj"], lora_dropout=0.0,
                                                  init_lora_weights=False))
-        batch = collate(rows, 0) if layout == "padded" else pack(rows, 64, 0)
+        batch = {"padded": collate(rows, 0), "packed": pack(rows, 64, 0), "flat": flatten(rows)}[layout]
         normalizer = torch.tensor(float(count_targets(batch["labels"])))
         loss = model(**batch, num_items_in_batch=normalizer).loss
         loss.backward()
         grads[layout] = (loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad})
     assert pack(rows, 64, 0)["input_ids"].numel() < collate(rows, 0)["input_ids"].numel()
-    torch.testing.assert_close(grads["packed"][0], grads["padded"][0], rtol=1e-5, atol=1e-6)
-    for name, grad in grads["padded"][1].items():
-        torch.testing.assert_close(grads["packed"][1][name], grad, rtol=1e-4, atol=1e-6)
+    for layout in ("packed", "flat"):
+        torch.testing.assert_close(grads[layout][0], grads["padded"][0], rtol=1e-5, atol=1e-6)
+        for name, grad in grads["padded"][1].items():
+            torch.testing.assert_close(grads[layout][1][name], grad, rtol=1e-4, atol=1e-6)
 
 
-def test_group_by_length_sorts_each_ranks_share_and_keeps_the_global_batch():
-    lengths = tuple((i * 37) % 50 + 1 for i in range(64))
-    for world in (1, 2):
-        union = []
-        for rank in range(world):
-            plain = BatchPlan(64, 16, 4, world, rank, seed=5)
-            grouped = BatchPlan(64, 16, 4, world, rank, seed=5, lengths=lengths)
-            for step in (0, 3):
-                mine = [i for mb in grouped.micro_batches(step) for i in mb]
-                assert sorted(mine) == sorted(i for mb in plain.micro_batches(step) for i in mb)
-                assert [lengths[i] for i in mine] == sorted((lengths[i] for i in mine), reverse=True)
-            union += [i for mb in grouped.micro_batches(0) for i in mb]
-        assert sorted(union) == sorted(BatchPlan(64, 16, 16, 1, 0, seed=5).global_batch(0))
+def _recipe(*words):
+    return load_recipe(["recipe=lora", *words])[1]
+
+
+@pytest.fixture(scope="module")
+def tiny_bloom(tmp_path_factory):
+    """Only a config: the check builds its twin from the config, with random weights."""
+    from transformers import BloomConfig
+
+    path = tmp_path_factory.mktemp("tiny-bloom")
+    BloomConfig(vocab_size=512, hidden_size=64, n_layer=2, n_head=4, architectures=["BloomForCausalLM"]
+                ).save_pretrained(path)
+    return str(path)
+
+
+def test_a_model_that_builds_its_mask_from_position_ids_keeps_packing(tiny_llama):
+    rng = torch.get_rng_state()
+    assert packing_check.packing_layout(_recipe(), str(tiny_llama), "sdpa") == ("pack", None)
+    assert packing_check.packing_layout(_recipe("data.packing=pack"), str(tiny_llama), "eager") == ("pack", None)
+    # Flash attention keeps examples apart only in one flattened row per micro batch.
+    assert packing_check.packing_layout(_recipe(), str(tiny_llama), "flash_attention_2") == ("pack_flat", None)
+    assert torch.equal(torch.get_rng_state(), rng)  # the run's random draws are untouched
+    # Nothing to check where the recipe alone rules packing out.
+    assert packing_check.packing_layout(_recipe("peft.method=prompt_tuning"), "no/such/model",
+                                        "sdpa") == ("group_by_length", None)
+
+
+def test_flash_attention_over_several_packed_rows_lets_examples_attend_to_each_other(tiny_llama):
+    """Why pack_flat exists: transformers' flash path reads cu_seqlens from position ids only for one
+    row; with several it attends over each whole row (the CPU stand-in runs transformers' own decision)."""
+    several_rows = packing_check.check_packing(str(tiny_llama), "flash_attention_2", "pack")
+    assert several_rows.sound is False and "attend to each other" in several_rows.problem()
+    assert packing_check.check_packing(str(tiny_llama), "flash_attention_2", "pack_flat").sound is True
+
+
+def test_a_model_whose_mask_ignores_position_ids_is_not_packed(tiny_llama, tiny_bloom):
+    """Bloom builds its causal mask and ALiBi bias from the row alone (transformers 5.23): packed
+    examples would attend to each other with no error."""
+    layout, why = packing_check.packing_layout(_recipe(), tiny_bloom, "eager")
+    assert layout == "group_by_length"
+    assert why == ("data.packing: BloomForCausalLM lets packed examples attend to each other (checked on a tiny "
+                   "twin, eager attention); grouping by length instead")
+    with pytest.raises(UserError) as err:
+        packing_check.packing_layout(_recipe("data.packing=pack"), tiny_bloom, "eager")
+    assert "data.packing=pack: BloomForCausalLM lets packed" in str(err.value)
+    assert "data.packing=group_by_length" in str(err.value)
+    # A twin that cannot be built (Bloom has no sdpa attention in transformers) is not trusted either.
+    layout, why = packing_check.packing_layout(_recipe(), tiny_bloom, "sdpa")
+    assert layout == "group_by_length" and why.startswith("data.packing: could not build a tiny twin of Bloom")
+    # The distillation teacher reads the same packed batches.
+    layout, why = packing_check.packing_layout(_recipe(), str(tiny_llama), "sdpa", teacher_path=tiny_bloom)
+    assert layout == "group_by_length" and "distill.teacher BloomForCausalLM" in why
+
+
+def test_the_twin_keeps_the_layers_and_narrows_the_widths():
+    import time
+
+    from transformers import LlamaConfig, MixtralConfig, Qwen2Config
+
+    wide = LlamaConfig(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
+                       num_key_value_heads=8, head_dim=128, vocab_size=32000)
+    twin = packing_check.twin_config(wide)
+    assert (twin.hidden_size, twin.intermediate_size, twin.num_attention_heads, twin.num_key_value_heads,
+            twin.head_dim, twin.vocab_size, twin.num_hidden_layers) == (64, 128, 4, 2, 16, 512, 32)
+    assert wide.hidden_size == 4096  # a copy
+    # Per-layer types stay; a vocabulary whose special ids lie beyond the narrow one stays whole.
+    sliding = Qwen2Config(num_hidden_layers=6, use_sliding_window=True, max_window_layers=3, vocab_size=152064,
+                          bos_token_id=151643)
+    assert packing_check.twin_config(sliding).layer_types == sliding.layer_types
+    assert packing_check.twin_config(sliding).vocab_size == 152064
+    moe = packing_check.twin_config(MixtralConfig(num_local_experts=8, num_experts_per_tok=2, num_hidden_layers=4))
+    assert (moe.num_local_experts, moe.num_experts_per_tok, moe.num_hidden_layers) == (4, 2, 4)
+    started = time.perf_counter()
+    verdict = packing_check._check(wide, "LlamaForCausalLM", "sdpa", "sdpa attention", "pack", False)
+    assert verdict.sound and time.perf_counter() - started < 5  # a 32-layer twin is still cheap
 
 
 @pytest.mark.parametrize("layout", ["pack", "group_by_length", "none"])

@@ -48,7 +48,15 @@ VIRTUAL_TOKEN_METHODS = ("prompt_tuning", "prefix_tuning")
 
 
 def resolved_packing(recipe: "Recipe") -> str:
-    """data.packing with auto resolved: pack where sound, else group by length."""
+    """data.packing with auto resolved from the recipe alone: pack for a causal LM without virtual
+    tokens, else group by length.
+
+    Whether packed examples really stay apart depends on the model and its attention kernel, which
+    this floor cannot load: launcher.data.packing_check.packing_layout starts from this answer and
+    checks it on a tiny twin of the model (falling back to group_by_length, or refusing an explicit
+    pack), and picks the flattened layout flash attention needs. A run trains with that answer;
+    this one is all that can be said without the model.
+    """
     packing = recipe.data.packing
     if packing != "auto":
         return packing

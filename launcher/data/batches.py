@@ -6,16 +6,23 @@ slice and cuts it into `accumulation` micro batches. So the examples that make u
 do not depend on how it is split into micro batches and ranks, and resuming at step k needs no
 replay: the schedule is a function of (seed, step).
 
-How a micro batch's examples are laid out (data.packing) never changes which examples it holds:
+How a micro batch's examples are laid out never changes which examples it holds. The layouts
+(data.packing, resolved for the model and attention kernel by launcher.data.packing_check):
 - group_by_length sorts each rank's share of the global batch by length before cutting it into
   micro batches, so examples of similar length share a micro batch and little is padded;
 - pack concatenates a micro batch's examples into rows of at most max_seq_len tokens (first fit,
   longest first). Position ids restart at 0 for every example and no attention mask is passed:
-  transformers then derives the packed-sequence mask from the position ids (a block-diagonal
-  causal mask on SDPA and eager, variable-length kernels with flash attention), so attention stays
-  within each example. The label of each example's first token is ignored: in a packed row it
-  would be "predicted" by the previous example's last token, unpacked it is never predicted.
-Both keep the loss of a step equal to the padded layout's (tests/test_packing.py).
+  transformers then derives a block-diagonal causal mask from the position ids (SDPA, eager,
+  flex), so attention stays within each example, in models whose mask code reads position ids
+  (packing_check verifies that on a tiny twin of the model);
+- pack_flat lays the whole micro batch out as ONE row, no padding, position ids restarting per
+  example (transformers' DataCollatorWithFlattening). It is what flash attention needs: transformers
+  derives the variable-length kernel's cu_seqlens from the position ids only for a batch of one
+  row; with several rows it runs plain causal attention over each row and packed examples would
+  attend to each other.
+In both packed layouts the label of each example's first token is ignored: in a packed row it
+would be "predicted" by the previous example's last token, unpacked it is never predicted.
+All keep the loss of a step equal to the padded layout's (tests/test_packing.py).
 """
 
 from __future__ import annotations
@@ -123,6 +130,34 @@ def pack(examples: list[dict], capacity: int, pad_token_id: int) -> dict[str, to
         # The padded tail restarts at position 0 too: a block of its own that no example attends to.
         position_ids[r, at:] = torch.arange(width - at)
     return {"input_ids": input_ids, "position_ids": position_ids, "labels": labels}
+
+
+def flatten(examples: list[dict]) -> dict[str, torch.Tensor]:
+    """All examples in one row of shape (1, total tokens): no padding, positions restart per example."""
+    input_ids = torch.tensor([t for e in examples for t in e["input_ids"]], dtype=torch.long)[None]
+    position_ids = torch.cat([torch.arange(len(e["input_ids"])) for e in examples])[None]
+    labels = torch.full_like(input_ids, IGNORE)
+    at = 0
+    for example in examples:
+        labels[0, at : at + len(example["labels"])] = torch.tensor(example["labels"])
+        labels[0, at] = IGNORE
+        at += len(example["input_ids"])
+    return {"input_ids": input_ids, "position_ids": position_ids, "labels": labels}
+
+
+LAYOUTS = ("pack", "pack_flat", "group_by_length", "none")
+
+
+def lay_out(examples: list[dict], layout: str, max_seq_len: int, pad_token_id: int) -> dict[str, torch.Tensor]:
+    """One micro batch as `layout` (one of LAYOUTS) arranges it; group_by_length and none both pad
+    (they differ in which examples share a micro batch, BatchPlan.lengths)."""
+    if layout == "pack":
+        return pack(examples, max_seq_len, pad_token_id)
+    if layout == "pack_flat":
+        return flatten(examples)
+    if layout not in LAYOUTS:
+        raise ValueError(f"unknown micro batch layout {layout!r}; one of {', '.join(LAYOUTS)}")
+    return collate(examples, pad_token_id)
 
 
 def _balanced_rows(lengths: list[int], capacity: int) -> list[list[int]]:

@@ -70,3 +70,21 @@ def test_the_choice_and_why_reach_the_device_settings():
     _, named = load_recipe(["recipe=lora", f"model.attn_implementation={FLASH}"])
     with pytest.raises(UserError, match="NVIDIA GPUs only"):
         device_settings.resolve(named, PROFILES["cpu"], flash_attn_installed=True)
+
+
+def test_auto_falls_back_to_eager_for_a_model_without_an_sdpa_path(tmp_path, tiny_llama):
+    """Bloom has no sdpa path in transformers 5.23: from_pretrained would refuse auto's sdpa outright."""
+    from transformers import BloomConfig
+
+    from launcher.config.load import load_recipe
+    from launcher.distributed import device_settings
+    from launcher.model.attention import fit_to_model
+
+    BloomConfig(vocab_size=64, hidden_size=32, n_layer=2, n_head=4).save_pretrained(tmp_path / "bloom")
+    _, recipe = load_recipe(["recipe=lora"])
+    settings = device_settings.resolve(recipe, device_settings.PROFILES["cpu"], flash_attn_installed=False)
+    fitted = fit_to_model(settings, recipe, str(tmp_path / "bloom"))
+    assert fitted.attn_implementation == "eager" and "BloomForCausalLM does not implement sdpa" in fitted.attn_why
+    assert fit_to_model(settings, recipe, str(tiny_llama)).attn_implementation == "sdpa"
+    _, explicit = load_recipe(["recipe=lora", "model.attn_implementation=sdpa"])
+    assert fit_to_model(settings, explicit, str(tmp_path / "bloom")).attn_implementation == "sdpa"  # said, kept

@@ -173,7 +173,7 @@ def test_the_twin_keeps_the_layers_and_narrows_the_widths():
     assert verdict.sound and time.perf_counter() - started < 5  # a 32-layer twin is still cheap
 
 
-@pytest.mark.parametrize("layout", ["pack", "group_by_length", "none"])
+@pytest.mark.parametrize("layout", ["pack", "pack_flat", "group_by_length", "none"])
 def test_feed_from_worker_processes_equals_the_inline_feed(layout):
     import datasets
 
@@ -195,6 +195,9 @@ def test_feed_from_worker_processes_equals_the_inline_feed(layout):
     assert first.attention_pairs == sum(len(rows[i]["input_ids"]) * (len(rows[i]["input_ids"]) + 1) // 2
                                         for i in indices)
     assert first.slots >= first.tokens
+    if layout == "pack_flat":  # flash attention's layout: one row, no padding, no mask
+        assert all(b["input_ids"].shape[0] == 1 and "attention_mask" not in b for b in first.batches)
+        assert first.slots == first.tokens
 
 
 def losses_and_adapter(run_dir: Path):

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from launcher.data.augment import Augmenter
-from launcher.data.batches import BatchPlan, collate, count_targets, count_tokens, pack
+from launcher.data.batches import BatchPlan, count_targets, count_tokens, lay_out
 
 PREFETCH_PER_WORKER = 2
 
@@ -53,10 +53,7 @@ class StepDataset(torch.utils.data.Dataset):
             for example in examples:
                 n = len(example["input_ids"])
                 pairs += n * (n + 1) // 2 if self.causal else n * n
-            if self.layout == "pack":
-                batches.append(pack(examples, self.max_seq_len, self.pad_token_id))
-            else:
-                batches.append(collate(examples, self.pad_token_id))
+            batches.append(lay_out(examples, self.layout, self.max_seq_len, self.pad_token_id))
         return {"batches": batches, "targets": sum(count_targets(b["labels"]) for b in batches),
                 "tokens": tokens, "slots": sum(b["input_ids"].numel() for b in batches), "attention_pairs": pairs}
 

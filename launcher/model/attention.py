@@ -78,3 +78,38 @@ def resolve_attn_implementation(requested: str, profile, precision: str,
         raise UserError(f"model.attn_implementation={requested} is not one of auto, {FLASH}, "
                         f"{', '.join(PORTABLE)}")
     return requested, "model.attn_implementation"
+
+
+# The class attribute transformers models declare for each kernel they implement.
+SUPPORT_FLAGS = {"sdpa": "_supports_sdpa", FLASH: "_supports_flash_attn", "flex_attention": "_supports_flex_attn"}
+
+
+def fit_to_model(settings, recipe, model_path: str):
+    """The device settings with auto's kernel replaced by eager where the model class does not implement
+    it (Bloom and MPT have no sdpa path in transformers 5.23; from_pretrained would refuse it). An explicit
+    choice is left to transformers, whose refusal names the kernel. Remote code is not inspected."""
+    import dataclasses
+
+    if recipe.model.attn_implementation != "auto" or settings.attn_implementation == "eager":
+        return settings
+    model_class = _model_class(recipe, model_path)
+    flag = SUPPORT_FLAGS.get(settings.attn_implementation)
+    if model_class is None or flag is None or getattr(model_class, flag, True):
+        return settings
+    return dataclasses.replace(settings, attn_implementation="eager", attn_why=(
+        f"auto: {model_class.__name__} does not implement {settings.attn_implementation}; eager attention"))
+
+
+def _model_class(recipe, model_path: str):
+    try:
+        from transformers import AutoConfig
+        from transformers.models.auto.modeling_auto import (MODEL_FOR_CAUSAL_LM_MAPPING,
+                                                            MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING)
+
+        config = AutoConfig.from_pretrained(model_path, trust_remote_code=recipe.model.trust_remote_code,
+                                            revision=recipe.model.revision)
+        mapping = (MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING if recipe.model.task == "classification"
+                   else MODEL_FOR_CAUSAL_LM_MAPPING)
+        return mapping[type(config)]
+    except Exception:  # remote code, an unknown architecture: let from_pretrained decide
+        return None

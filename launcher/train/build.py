@@ -19,15 +19,16 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from launcher.config.compat import resolved_packing
 from launcher.config.schema import Recipe
 from launcher.data.batches import BatchPlan, example_lengths
+from launcher.data.packing_check import packing_layout
 from launcher.data.prepare import PreparedData, prepare_data
 from launcher.distributed.backend import Backend, make_backend
 from launcher.distributed.device_settings import apply_process_settings
 from launcher.errors import UserError
 from launcher.methods import METHODS
 from launcher.methods.common import MethodContext, float32_trainable, parameter_counts
+from launcher.model.attention import fit_to_model
 from launcher.model.lean_load import build_on_meta
 from launcher.model.sources import materialize
 from launcher.outputs.run_dir import write_json, write_resolved_recipe
@@ -195,9 +196,12 @@ def build_run(recipe: Recipe, recipe_name: str, command: list[str]) -> Run:
         distill.check_teacher_labels(distill_plan, data.label_names)
 
     use_cpu = not torch.cuda.is_available()
-    settings = device_settings_of(recipe)
+    settings = fit_to_model(device_settings_of(recipe), recipe, model_path)
     apply_process_settings(settings)
     precision = settings.precision
+    # Before the process group and the model: a refusal costs seconds. Every rank decides alike (seeded, CPU).
+    teacher_path = distill_plan.teacher_path if distill_plan and recipe.distill.alpha > 0 else None
+    layout, packing_why = packing_layout(recipe, model_path, settings.attn_implementation, teacher_path)
     backend = make_backend(recipe, recipe.gradient_accumulation_steps, precision, settings)
     backend.prepare_environment()
     handlers = []
@@ -239,8 +243,9 @@ def build_run(recipe: Recipe, recipe_name: str, command: list[str]) -> Run:
     trainable, total = parameter_counts(model)
     announce(f"method {recipe.peft.method}: {trainable:,} trainable of {total:,} parameters "
              f"({100 * trainable / total:.4f}%)", is_main)
+    if packing_why:
+        announce(packing_why, is_main)
 
-    layout = resolved_packing(recipe)
     plan = BatchPlan(
         num_examples=len(data.train), global_batch_size=recipe.train.global_batch_size,
         micro_batch_size=recipe.train.micro_batch_size, world_size=accelerator.num_processes,
@@ -280,6 +285,7 @@ def build_run(recipe: Recipe, recipe_name: str, command: list[str]) -> Run:
                            "collective_timeout_minutes": recipe.distributed.timeout_minutes},
             "optimizer": made[1],
             "device_settings": settings.as_json(),
+            "packing": {"layout": layout, "fallback": packing_why},
             **backend.resolved_config(accelerator),
         })
     return Run(recipe=recipe, accelerator=accelerator, model=model, tokenizer=tokenizer, optimizer=optimizer,
@@ -290,6 +296,8 @@ def build_run(recipe: Recipe, recipe_name: str, command: list[str]) -> Run:
 
 LAYOUT_WORDS = {
     "pack": "packed into rows of up to {max_seq_len} tokens (attention within each example)",
+    "pack_flat": "flattened into one row per micro batch, no padding (flash attention's variable-length kernel "
+                 "keeps each example apart)",
     "group_by_length": "grouped by length within each rank's share of the global batch",
     "none": "padded to their longest example",
 }

@@ -67,3 +67,19 @@ def pytest_runtest_protocol(item, nextitem):
         yield
     finally:
         timer.cancel()
+
+
+@pytest.fixture(scope="session")
+def tiny_moe(tiny_llama, tmp_path_factory) -> Path:
+    from tests.tiny_models import build_tiny_moe
+
+    return build_tiny_moe(tmp_path_factory.mktemp("tiny-moe"), tiny_llama)
+
+
+@pytest.fixture(scope="session")
+def tiny_bert_classifier(tiny_bert, tmp_path_factory) -> Path:
+    """tiny_bert with a saved head for the part-of-speech labels (data/wordnet/pos_*.jsonl, sorted)."""
+    from tests.tiny_models import build_tiny_bert_classifier
+
+    return build_tiny_bert_classifier(tmp_path_factory.mktemp("tiny-bert-classifier"), tiny_bert,
+                                      ["adjective", "adverb", "noun", "verb"])

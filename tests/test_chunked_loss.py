@@ -92,10 +92,11 @@ def loss_and_grads(model, inputs: dict, chunked: bool, precision: str):
 
 def assert_close(actual, expected, precision: str, what: str):
     """Within rounding, measured against the tensor's scale: float32 sums over a 49k vocabulary in
-    another order (chunk by chunk) differ by ~1e-6 of the largest entry; bfloat16 products by ~1e-2."""
+    another order (chunk by chunk) differ by ~1e-6 of the largest entry; float16 products by ~1e-3,
+    bfloat16 ones by ~1e-2."""
     scale = expected.float().abs().max().clamp(min=1e-12)
     error = float((actual.float() - expected.float()).abs().max() / scale)
-    assert error < (2e-5 if precision == "fp32" else 3e-2), f"{what}: relative error {error:.3g}"
+    assert error < {"fp32": 2e-5, "fp16": 5e-3}.get(precision, 3e-2), f"{what}: relative error {error:.3g}"
 
 
 @pytest.fixture
@@ -263,22 +264,150 @@ def _chunked_path_through_ddp(store_file: str):
     print("chunked path through DDP: ok")
 
 
+def _tiny(config_class, model_class, **extra):
+    """A random 2-block model of another architecture, on the tiny vocabulary."""
+    torch.manual_seed(0)
+    return model_class(config_class(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                    num_attention_heads=4, num_key_value_heads=2, use_cache=False, **extra))
+
+
 def test_refusals_name_their_reason():
     assert prepare_chunked_loss(build("tiny", "full"), _Recipe(chunked=False)) == "train.chunked_loss=false"
     assert "classification" in prepare_chunked_loss(build("tiny", "full"), _Recipe(task="classification"))
-    capped = build("tiny", "full")
-    capped.config.final_logit_softcapping = 30.0
-    assert "final_logit_softcapping" in prepare_chunked_loss(capped, _Recipe())
-    scaled = build("tiny", "full")
-    scaled.config.logit_scale = 0.0625  # Cohere multiplies the logits by it
-    assert "logit_scale" in prepare_chunked_loss(scaled, _Recipe())
     from peft import LoraConfig, get_peft_model
 
     plain = build("tiny", "full", tied=False)
     adapted_head = get_peft_model(plain, LoraConfig(task_type="CAUSAL_LM", r=4, target_modules=["lm_head"]))
     assert "not a plain Linear" in prepare_chunked_loss(adapted_head, _Recipe())
-    for refused in (capped, scaled, adapted_head):
-        assert not chunked_loss_prepared(refused)
+    assert not chunked_loss_prepared(adapted_head)
+
+
+def test_the_model_s_own_loss_decides_not_a_list_of_config_keys():
+    """What the forward does decides: Gemma 2 soft-caps and Cohere scales its logits after the head
+    (refused, the reason names the key that explains it); a Llama ignores a stray soft-cap key
+    (accepted: its loss is plain cross-entropy over the head)."""
+    from transformers import CohereConfig, CohereForCausalLM, Gemma2Config, Gemma2ForCausalLM
+
+    capped = _tiny(Gemma2Config, Gemma2ForCausalLM, head_dim=16, final_logit_softcapping=30.0)
+    reason = prepare_chunked_loss(capped, _Recipe())
+    assert "not cross-entropy over its output head" in reason and "final_logit_softcapping" in reason
+    scaled = _tiny(CohereConfig, CohereForCausalLM, logit_scale=0.0625)
+    assert "logit_scale" in prepare_chunked_loss(scaled, _Recipe())
+    assert not chunked_loss_prepared(capped) and not chunked_loss_prepared(scaled)
+    stray = build("tiny", "full")
+    stray.config.final_logit_softcapping = 30.0  # LlamaForCausalLM never reads it
+    assert prepare_chunked_loss(stray, _Recipe()) is None
+
+
+def test_without_a_twin_the_config_decides(monkeypatch):
+    """An architecture the probe cannot shrink falls back to the known config keys, and says so."""
+    def no_twin(model):
+        raise ValueError("cannot shrink")
+
+    monkeypatch.setattr(chunked_loss, "_twin", no_twin)
+    capped = build("tiny", "full")
+    capped.config.final_logit_softcapping = 30.0
+    reason = prepare_chunked_loss(capped, _Recipe())
+    assert "config.final_logit_softcapping" in reason and "no probe (ValueError: cannot shrink)" in reason
+    assert prepare_chunked_loss(build("tiny", "full"), _Recipe()) is None
+
+
+def test_the_probe_leaves_the_run_s_random_stream_alone():
+    model = build("tiny", "full")
+    torch.manual_seed(3)
+    expected = torch.rand(4)
+    torch.manual_seed(3)
+    assert prepare_chunked_loss(model, _Recipe()) is None
+    assert torch.equal(torch.rand(4), expected)
+
+
+# ---------------------------------------------------------------------------- mixture of experts
+
+
+def _moe(tiny_moe):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(tiny_moe).train()  # from_pretrained leaves it in eval mode
+
+
+def test_moe_router_loss_is_in_the_chunked_loss_as_in_the_model_s_own(tiny_moe, small_chunks):
+    """Mixtral adds router_aux_loss_coef x aux_loss (output_router_logits): the chunked loss does too.
+    With one micro batch holding every target (normalizer = targets), it equals the model's own loss,
+    and so do the gradients, the router's gate weights' included."""
+    model = _moe(tiny_moe)
+    inputs = batch("padded", model.config.vocab_size)
+    targets = torch.tensor(float((inputs["labels"][:, 1:] != IGNORE).sum()))
+    model.zero_grad()
+    own = model(**inputs, num_items_in_batch=targets)
+    assert own.aux_loss is not None and float(own.aux_loss.detach()) > 0
+    own.loss.backward()
+    expected = {n: p.grad.clone() for n, p in model.named_parameters()}
+    assert prepare_chunked_loss(model, _Recipe()) is None
+    assert chunked_loss.chunked_loss_state(model).router_aux_loss_coef == 0.02
+    model.zero_grad()
+    loss = causal_lm_loss(model, inputs, targets)
+    loss.backward()
+    torch.testing.assert_close(loss, own.loss, rtol=1e-5, atol=0)
+    gates = [n for n in expected if "gate" in n and "experts" not in n]
+    assert gates and all(float(expected[n].abs().max()) > 0 for n in gates)
+    for name, grad in expected.items():
+        assert_close(dict(model.named_parameters())[name].grad, grad, "fp32", name)
+
+
+def test_moe_router_loss_is_weighted_by_the_micro_batch_s_share_on_both_paths(tiny_moe):
+    """Split over micro batches, each adds coef x aux_loss x (its targets / normalizer), chunked or not,
+    so the router's weight in a step does not grow with accumulation; in evaluation there is none."""
+    plain, chunked = _moe(tiny_moe), _moe(tiny_moe)
+    assert prepare_chunked_loss(chunked, _Recipe()) is None
+    inputs = batch("packed", plain.config.vocab_size)
+    normalizer = torch.tensor(100.0)  # the step's targets: this micro batch holds some of them
+    share = float((inputs["labels"][:, 1:] != IGNORE).sum()) / 100.0
+    own = plain(**inputs, num_items_in_batch=normalizer)
+    expected = own.loss - 0.02 * own.aux_loss * (1 - share)
+    torch.testing.assert_close(micro_batch_loss(plain, inputs, normalizer, False), expected, rtol=1e-5, atol=0)
+    torch.testing.assert_close(micro_batch_loss(chunked, inputs, normalizer, False), expected, rtol=1e-5, atol=0)
+    plain.eval()
+    chunked.eval()
+    tokens_only = own.loss - 0.02 * own.aux_loss
+    with torch.no_grad():
+        for model in (plain, chunked):
+            torch.testing.assert_close(micro_batch_loss(model, inputs, normalizer, False), tokens_only,
+                                       rtol=1e-5, atol=0)
+
+
+# ---------------------------------------------------------------------------- fp16 with loss scaling
+
+
+@pytest.mark.parametrize("method", ["full_untied", "lora"])
+def test_fp16_autocast_with_a_grad_scaler_matches_the_standard_loss(method, small_chunks):
+    """train.precision=fp16 scales the loss (accelerate's GradScaler on a GPU). The chunked loss
+    computes its gradients in the forward pass, unscaled, and backward multiplies them by the scaled
+    grad_output in float32: after unscaling they must be the standard loss's, with no inf found.
+    (On a CPU accelerate gives fp16 no scaler: torch's autocast and GradScaler on the CPU stand in.)"""
+    results = []
+    for chunked in (False, True):
+        model = build("tiny", method, tied=method != "full_untied")
+        if chunked:
+            assert prepare_chunked_loss(model, _Recipe()) is None
+        params = [p for p in model.parameters() if p.requires_grad]
+        optimizer = torch.optim.SGD(params, lr=0.0)
+        scaler = torch.amp.GradScaler("cpu", init_scale=2.0**16)
+        inputs = batch("padded", 512)
+        with torch.autocast("cpu", dtype=torch.float16):
+            loss = micro_batch_loss(model, inputs, torch.tensor(7.0), classification=False)
+        assert loss.dtype == torch.float32
+        scaler.scale(loss).backward()
+        scaler.unscale_(optimizer)
+        results.append((loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}))
+        scaler.step(optimizer)  # lr 0: only the scaler's bookkeeping
+        scaler.update()
+        assert scaler.get_scale() == 2.0**16  # halved had it found an inf or a nan
+    (expected, expected_grads), (actual, actual_grads) = results
+    torch.testing.assert_close(actual, expected, rtol=2e-3, atol=0)
+    assert actual_grads.keys() == expected_grads.keys()
+    for name, grad in expected_grads.items():
+        assert actual_grads[name].dtype == grad.dtype == torch.float32
+        assert_close(actual_grads[name], grad, "fp16", name)
 
 
 # ---------------------------------------------------------------------------- world size 2, for real

@@ -65,3 +65,36 @@ def build_tiny_bert(out: Path, project_root: Path) -> Path:
                         attention_probs_dropout_prob=0.0)
     BertModel(config).save_pretrained(out)
     return out
+
+
+def build_tiny_moe(out: Path, tiny_llama: Path) -> Path:
+    """A 2-block Mixtral (4 experts, 2 per token) on tiny_llama's tokenizer, with the router's
+    load-balancing loss in its own loss (output_router_logits): the MoE case of the chunked loss."""
+    import torch
+    from transformers import AutoTokenizer, MixtralConfig, MixtralForCausalLM
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_llama)
+    tokenizer.save_pretrained(out)
+    torch.manual_seed(0)
+    config = MixtralConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                           num_attention_heads=4, num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2,
+                           max_position_embeddings=256, output_router_logits=True, router_aux_loss_coef=0.02,
+                           bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                           tie_word_embeddings=False)
+    MixtralForCausalLM(config).save_pretrained(out)
+    return out
+
+
+def build_tiny_bert_classifier(out: Path, tiny_bert: Path, labels: list[str]) -> Path:
+    """tiny_bert with a sequence-classification head in its checkpoint (drawn, not trained, but saved):
+    a classifier teacher as distillation accepts one (a base model's head would be drawn at load time)."""
+    import torch
+    from transformers import AutoTokenizer, BertForSequenceClassification
+
+    AutoTokenizer.from_pretrained(tiny_bert).save_pretrained(out)
+    torch.manual_seed(0)
+    model = BertForSequenceClassification.from_pretrained(
+        tiny_bert, num_labels=len(labels), id2label=dict(enumerate(labels)),
+        label2id={name: i for i, name in enumerate(labels)})
+    model.save_pretrained(out)
+    return out

@@ -11,11 +11,18 @@ import torch
 QUICK = ["train.max_steps=4", "eval.every_steps=2", "data.max_eval_samples=16", "data.max_samples=200"]
 
 
-def tiny_for(recipe_name: str, tiny_llama: Path, tiny_bert: Path) -> Path:
-    """The tiny model standing in for a shipped recipe's model: a BERT for classification, else a llama."""
+def tiny_for(recipe_name: str, tiny_llama: Path, tiny_bert: Path, request=None) -> Path:
+    """The tiny model standing in for a shipped recipe's model: a BERT for classification, else a llama.
+    A classifier that teaches its own cut student (distill.teacher null) must have a trained head: the
+    `tiny_bert_classifier` fixture, through pytest's `request`."""
     from launcher.config.load import load_recipe
 
-    return tiny_bert if load_recipe([f"recipe={recipe_name}"])[1].model.task == "classification" else tiny_llama
+    recipe = load_recipe([f"recipe={recipe_name}"])[1]
+    if recipe.model.task != "classification":
+        return tiny_llama
+    if recipe.distill and recipe.distill.teacher is None and request is not None:
+        return request.getfixturevalue("tiny_bert_classifier")
+    return tiny_bert
 
 
 def tiny_words(recipe_name: str) -> list[str]:

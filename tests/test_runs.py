@@ -41,8 +41,8 @@ def reload_artifact(run, folder: Path, base_path: Path):
 
 
 @pytest.mark.parametrize("recipe_name", RECIPES)
-def test_recipe_end_to_end(recipe_name, tiny_llama, tiny_bert, tmp_path):
-    model_path = tiny_for(recipe_name, tiny_llama, tiny_bert)
+def test_recipe_end_to_end(recipe_name, tiny_llama, tiny_bert, tmp_path, request):
+    model_path = tiny_for(recipe_name, tiny_llama, tiny_bert, request)
     run_dir = tmp_path / "run"
     run, result = run_in_process(recipe_name, model_path, run_dir, *tiny_words(recipe_name))
 
@@ -137,11 +137,11 @@ def test_every_classification_method_in_the_support_table_runs(overrides, tiny_b
 
 @pytest.mark.slow
 @pytest.mark.parametrize("recipe_name", MULTI_PROCESS_RECIPES)
-def test_multi_process_recipe_end_to_end(recipe_name, tiny_llama, tiny_bert, tmp_path):
+def test_multi_process_recipe_end_to_end(recipe_name, tiny_llama, tiny_bert, tmp_path, request):
     """Launched as shipped (its backend, two processes); saves what one DDP process saves."""
     from tests.test_backends import assert_same_artifact, launch, ranks
 
-    model_path = tiny_for(recipe_name, tiny_llama, tiny_bert)
+    model_path = tiny_for(recipe_name, tiny_llama, tiny_bert, request)
     _, shipped = load_recipe([f"recipe={recipe_name}"])
     quick = ["eval.sample_prompts=[]", "peft.dropout=0"] if shipped.peft.method in ("lora", "dora") else [
         "eval.sample_prompts=[]"]

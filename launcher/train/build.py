@@ -235,11 +235,11 @@ def build_run(recipe: Recipe, recipe_name: str, command: list[str]) -> Run:
     from launcher.train.chunked_loss import prepare_chunked_loss
 
     teaching = bool(recipe.distill and recipe.distill.alpha > 0)  # alpha=0: labels alone, no teacher
-    unchunked = ("distillation needs the student's full logits" if teaching
-                 else prepare_chunked_loss(model, recipe))  # before the backend wraps the model
+    unchunked = prepare_chunked_loss(model, recipe)  # before the backend wraps the model
     if recipe.model.task == "causal_lm":
-        announce("loss: cross-entropy in chunks of tokens (no full logits)" if unchunked is None
-                 else f"loss: cross-entropy over full logits ({unchunked})", is_main)
+        what = "distillation loss (cross-entropy and KL)" if teaching else "cross-entropy"
+        announce(f"loss: {what} in chunks of tokens (no full logits)" if unchunked is None
+                 else f"loss: {what} over full logits ({unchunked})", is_main)
     trainable, total = parameter_counts(model)
     announce(f"method {recipe.peft.method}: {trainable:,} trainable of {total:,} parameters "
              f"({100 * trainable / total:.4f}%)", is_main)

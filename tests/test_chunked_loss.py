@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from launcher.data.batches import collate, pack
 from launcher.data.formats import IGNORE
-from launcher.train import chunked_loss
+from launcher.train import chunked_loss, loss_check
 from launcher.train.chunked_loss import (
     causal_lm_loss, chunk_tokens, chunked_loss_prepared, linear_cross_entropy, prepare_chunked_loss,
 )
@@ -304,7 +304,7 @@ def test_without_a_twin_the_config_decides(monkeypatch):
     def no_twin(model):
         raise ValueError("cannot shrink")
 
-    monkeypatch.setattr(chunked_loss, "_twin", no_twin)
+    monkeypatch.setattr(loss_check, "_twin", no_twin)
     capped = build("tiny", "full")
     capped.config.final_logit_softcapping = 30.0
     reason = prepare_chunked_loss(capped, _Recipe())

@@ -155,18 +155,20 @@ def test_the_twin_keeps_the_layers_and_narrows_the_widths():
 
     from transformers import LlamaConfig, MixtralConfig, Qwen2Config
 
+    from launcher.model.twin import twin_config
+
     wide = LlamaConfig(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
                        num_key_value_heads=8, head_dim=128, vocab_size=32000)
-    twin = packing_check.twin_config(wide)
+    twin = twin_config(wide)
     assert (twin.hidden_size, twin.intermediate_size, twin.num_attention_heads, twin.num_key_value_heads,
             twin.head_dim, twin.vocab_size, twin.num_hidden_layers) == (64, 128, 4, 2, 16, 512, 32)
     assert wide.hidden_size == 4096  # a copy
     # Per-layer types stay; a vocabulary whose special ids lie beyond the narrow one stays whole.
     sliding = Qwen2Config(num_hidden_layers=6, use_sliding_window=True, max_window_layers=3, vocab_size=152064,
                           bos_token_id=151643)
-    assert packing_check.twin_config(sliding).layer_types == sliding.layer_types
-    assert packing_check.twin_config(sliding).vocab_size == 152064
-    moe = packing_check.twin_config(MixtralConfig(num_local_experts=8, num_experts_per_tok=2, num_hidden_layers=4))
+    assert twin_config(sliding).layer_types == sliding.layer_types
+    assert twin_config(sliding).vocab_size == 152064
+    moe = twin_config(MixtralConfig(num_local_experts=8, num_experts_per_tok=2, num_hidden_layers=4))
     assert (moe.num_local_experts, moe.num_experts_per_tok, moe.num_hidden_layers) == (4, 2, 4)
     started = time.perf_counter()
     verdict = packing_check._check(wide, "LlamaForCausalLM", "sdpa", "sdpa attention", "pack", False)

@@ -6,13 +6,13 @@ under flash attention, variable-length kernels). Models whose mask code ignores 
 (ALiBi models such as Bloom and MPT build their mask and bias from the row alone; remote code and
 state-space layers may do anything), and then packed examples attend to each other with no error:
 the loss is just wrong. A list of model names would go stale with every release, so the model
-itself is asked: a twin with the architecture of model.name (its config with narrow widths, the
-same layers and layer types, random weights, float32, on the CPU) runs a micro batch laid out
-exactly as the collator lays it out, and each example's logits must equal those of the example run
-alone. Tens of milliseconds for a tiny twin (tenths of a second where a large vocabulary stays
-whole because a special token id lies beyond a narrow one), cached per (config, kernel) in-process,
-and the same answer on every rank (seeded, on the CPU, with a tolerance far above float32 noise and
-far below any leak: seen 1e-7 sound, 1e-2 and more leaking).
+itself is asked: a twin with the architecture of model.name (launcher.model.twin: its config with
+narrow widths, the same layers and layer types, random weights, float32, on the CPU) runs a micro
+batch laid out exactly as the collator lays it out, and each example's logits must equal those of
+the example run alone. Tens of milliseconds for a tiny twin (tenths of a second where a large
+vocabulary stays whole because a special token id lies beyond a narrow one), cached per (config,
+kernel) in-process, and the same answer on every rank (seeded, on the CPU, with a tolerance far
+above float32 noise and far below any leak: seen 1e-7 sound, 1e-2 and more leaking).
 
 The kernel the twin runs is the run's where it runs on a CPU (sdpa, eager). flex_attention compiles
 for tens of seconds on a CPU, so sdpa stands in (transformers builds both masks from the same
@@ -25,7 +25,6 @@ name containing "flash" takes its other branch here; the GPU check covers the re
 
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass
 
 import torch
@@ -34,6 +33,7 @@ from launcher.config.compat import resolved_packing
 from launcher.data.batches import collate, lay_out
 from launcher.errors import UserError
 from launcher.model.attention import FLASH
+from launcher.model.twin import VOCAB, build_twin, twin_config
 
 # Two short examples in one row and one alone with a padded tail (rows of at most 9 tokens:
 # [7] and [5, 4]): the rows, the restart and the tail are all as in training. Flattened: one row.
@@ -42,14 +42,6 @@ PROBE_ROW = 9
 PAD = 0
 # Relative to the largest logit: float32 noise between the layouts is ~1e-7, a leak 1e-2 or more.
 TOLERANCE = 1e-4
-# Narrow widths for the twin; layers and layer types stay as they are.
-HEADS, HEAD_DIM, FFN, VOCAB = 4, 16, 128, 512
-FFN_KEYS = ("intermediate_size", "n_inner", "ffn_dim", "ffn_hidden_size", "moe_intermediate_size",
-            "shared_expert_intermediate_size")
-EXPERT_KEYS = ("num_local_experts", "num_experts", "n_routed_experts")
-# A twin whose widths this module does not know how to narrow could be the full model: refuse to
-# build it rather than allocate billions of parameters (a vocabulary that cannot shrink stays under this).
-MAX_TWIN_PARAMETERS = 64_000_000
 # No "flash" in the name: transformers would look for a flash kernel to load for it.
 STAND_IN = "tunefleet_varlen_stand_in"
 
@@ -141,7 +133,8 @@ def _check(config, architecture: str, kernel: str | None, kernel_words: str, lay
     verbosity = transformers.logging.get_verbosity()
     transformers.logging.set_verbosity_error()  # a twin's config warnings are not the user's concern
     try:
-        # Forked and seeded: the same twin on every rank, and the run's random state untouched.
+        # Forked and seeded around the forward too (build_twin forks its own draws): whatever the twin
+        # draws is the same on every rank, and the run's random state is untouched.
         with torch.random.fork_rng(devices=[]), torch.no_grad():
             torch.manual_seed(0)
             try:
@@ -158,59 +151,6 @@ def _check(config, architecture: str, kernel: str | None, kernel_words: str, lay
     return PackingVerdict(architecture, kernel_words, leak <= TOLERANCE, f"largest relative difference {leak:.1e}")
 
 
-def twin_config(config):
-    """`config` with narrow widths (and every sub-config's), the layers and layer types as they are."""
-    config = copy.deepcopy(config)
-    for sub in _configs_in(config):
-        _narrow(sub)
-    return config
-
-
-def _configs_in(config) -> list:
-    found = [config]
-    for name in getattr(config, "sub_configs", {}) or {}:
-        sub = getattr(config, name, None)
-        if sub is not None and hasattr(sub, "to_dict"):
-            found += _configs_in(sub)
-    return found
-
-
-def _narrow(config) -> None:
-    heads = getattr(config, "num_attention_heads", None)
-    if isinstance(heads, int) and heads > 0:
-        config.num_attention_heads = HEADS
-        for kv_key in ("num_key_value_heads", "num_kv_heads"):
-            kv = getattr(config, kv_key, None)
-            if isinstance(kv, int) and kv > 0:
-                # Multi-head stays multi-head; grouped or multi-query attention keeps sharing keys.
-                setattr(config, kv_key, HEADS if kv >= heads else min(kv, 2))
-        if isinstance(getattr(config, "head_dim", None), int):
-            config.head_dim = HEAD_DIM
-    if isinstance(getattr(config, "hidden_size", None), int):
-        config.hidden_size = HEADS * HEAD_DIM
-    for ffn_key in FFN_KEYS:
-        if isinstance(getattr(config, ffn_key, None), int):
-            setattr(config, ffn_key, FFN)
-    for expert_key in EXPERT_KEYS:
-        experts = getattr(config, expert_key, None)
-        if isinstance(experts, int) and experts > 4:
-            setattr(config, expert_key, 4)
-    if isinstance(getattr(config, "num_experts_per_tok", None), int):
-        config.num_experts_per_tok = min(config.num_experts_per_tok, 2)
-    # A smaller vocabulary only where no special token id would fall outside it.
-    vocab = getattr(config, "vocab_size", None)
-    if isinstance(vocab, int) and vocab > VOCAB and max(_token_ids(config), default=0) < VOCAB:
-        config.vocab_size = VOCAB
-
-
-def _token_ids(config) -> list[int]:
-    ids = []
-    for name, value in config.to_dict().items():
-        if name.endswith("_token_id") or name.endswith("_token_ids"):
-            ids += [v for v in (value if isinstance(value, list) else [value]) if isinstance(v, int)]
-    return ids
-
-
 def _build_twin(config, kernel: str | None, trust_remote_code: bool):
     from transformers import AutoModelForCausalLM
 
@@ -218,12 +158,7 @@ def _build_twin(config, kernel: str | None, trust_remote_code: bool):
         _register_flash_stand_in()
     twin = twin_config(config)
     kwargs = {"trust_remote_code": trust_remote_code, "dtype": torch.float32, "attn_implementation": kernel}
-    with torch.device("meta"):  # counted before a single weight is allocated
-        size = sum(p.numel() for p in AutoModelForCausalLM.from_config(twin, **kwargs).parameters())
-    if size > MAX_TWIN_PARAMETERS:
-        raise ValueError(f"the twin would still have {size:,} parameters: its widths have names this check "
-                         "does not know")
-    return AutoModelForCausalLM.from_config(twin, **kwargs).eval()
+    return build_twin(lambda: AutoModelForCausalLM.from_config(twin, **kwargs)).eval()
 
 
 def _largest_leak(model, layout: str, vocab: int) -> float:

@@ -21,8 +21,8 @@ summed per chunk is a `ChunkObjective`: cross-entropy, or distillation's (launch
 
 Which models: those whose head is a plain Linear and whose own loss is cross-entropy over its
 output, plus, for a mixture of experts, the router's load-balancing term (added here as the model
-adds it, weighted as `router_loss` says). That is decided by behaviour, on a tiny twin of the
-architecture (`loss_refusal`), not by a list of config keys a new model may not be on.
+adds it, weighted as launcher.train.router_loss says); launcher.train.loss_check decides that on a
+tiny twin of the architecture.
 """
 
 from __future__ import annotations
@@ -37,6 +37,9 @@ import torch
 from torch import nn
 
 from launcher.data.formats import IGNORE
+from launcher.train.router_loss import router_aux_coef, router_loss
+# The unchunked loss, here too: launcher.train.step takes both losses from this module.
+from launcher.train.router_loss import model_loss  # noqa: F401
 
 # Set on the model prepare_chunked_loss patched; micro_batch_loss looks for it (through DDP's .module).
 MARK = "tunefleet_chunked_loss"
@@ -224,7 +227,7 @@ def _head_forward(self, hidden: torch.Tensor) -> torch.Tensor:
     return linear_cross_entropy(hidden, self.weight, self.bias, labels, _pending.objective)
 
 
-def _linear_heads(head: nn.Module) -> list[nn.Linear] | None:
+def linear_heads(head: nn.Module) -> list[nn.Linear] | None:
     """The plain Linear modules that compute the head's output, or None if it is something else."""
     from peft.utils.other import ModulesToSaveWrapper
 
@@ -237,7 +240,7 @@ def _linear_heads(head: nn.Module) -> list[nn.Linear] | None:
 
 def patch_head(model: nn.Module) -> None:
     """Give the model's output head (a plain Linear, or peft's copies of one) the loss-computing forward."""
-    for linear in _linear_heads(model.get_output_embeddings()):
+    for linear in linear_heads(model.get_output_embeddings()):
         # A bound method (not a closure): deepcopy rebinds it to the copied module.
         linear.forward = types.MethodType(_head_forward, linear)
 
@@ -249,23 +252,12 @@ class ChunkedLoss:
     router_aux_loss_coef: float | None  # MoE: the weight of the router's loss in the model's own, else None
 
 
-def refusal(model: nn.Module, task: str) -> str | None:
-    """Why this model's loss cannot be computed inside its output head, or None if it can: the head
-    must be a plain Linear, and the model's own loss cross-entropy over that head's output (plus the
-    router's loss of a mixture of experts), as a probe of its architecture finds (loss_refusal)."""
-    if task != "causal_lm":
-        return "classification models compute their loss from a small pooled head"
-    head = model.get_output_embeddings()
-    if head is None:
-        return "the model has no output head (get_output_embeddings() is None)"
-    if _linear_heads(head) is None:
-        return f"the output head is a {type(head).__name__} (adapted or quantized), not a plain Linear"
-    return loss_refusal(model)
-
-
 def prepare_chunked_loss(model: nn.Module, recipe) -> str | None:
     """Make `model`'s output head compute the loss while labels are pending (before the backend wraps
     the model). Returns None when the chunked loss is on, else the reason it is not."""
+    # Imported here, not at the top: loss_check imports this module (it runs the patched head on a twin).
+    from launcher.train.loss_check import refusal
+
     if not recipe.train.chunked_loss:
         return "train.chunked_loss=false"
     reason = refusal(model, recipe.model.task)
@@ -297,10 +289,13 @@ def causal_lm_loss(model: nn.Module, batch: dict, normalizer: torch.Tensor,
     if given), plus the router's loss of a mixture of experts while it trains (router_loss). Every key
     but labels goes to the model."""
     coef = chunked_loss_state(model).router_aux_loss_coef if model.training else None
-    return _head_loss(model, batch, normalizer, objective, coef)
+    return head_loss(model, batch, normalizer, objective, coef)
 
 
-def _head_loss(model, batch, normalizer, objective, router_coef):
+def head_loss(model: nn.Module, batch: dict, normalizer: torch.Tensor, objective: ChunkObjective,
+              router_coef: float | None) -> torch.Tensor:
+    """causal_lm_loss with the router term's weight given (None: none) instead of read from what
+    prepare_chunked_loss left: launcher.train.loss_check runs it on a twin it patched itself."""
     inputs = {k: v for k, v in batch.items() if k != "labels"}
     with pending_labels(batch["labels"], objective) as pending:
         output = model(**inputs)
@@ -311,146 +306,3 @@ def _head_loss(model, batch, normalizer, objective, router_coef):
     loss = loss / normalizer
     router = router_loss(output, router_coef, batch["labels"], normalizer)
     return loss if router is None else loss + router
-
-
-# ---------------------------------------------------------------------------- the router's loss (MoE)
-
-
-def _text_config(config):
-    return config.get_text_config() if hasattr(config, "get_text_config") else config
-
-
-def router_aux_coef(config) -> float | None:
-    """The weight a mixture of experts gives its router's load-balancing loss in its own loss: Mixtral,
-    Qwen2/3-MoE, OLMoE, ... add router_aux_loss_coef x aux_loss when config.output_router_logits is on.
-    None when the loss has no such term."""
-    text = _text_config(config)
-    coef = getattr(text, "router_aux_loss_coef", None)
-    return float(coef) if getattr(text, "output_router_logits", False) and coef is not None else None
-
-
-def router_loss(output, coef: float | None, labels: torch.Tensor, normalizer: torch.Tensor) -> torch.Tensor | None:
-    """coef x the router loss the model returned (output.aux_loss), weighted by this micro batch's share
-    of the step's targets (its targets / normalizer); None without a router term.
-
-    Why the share: the model's own loss adds coef x aux_loss once per call, so the router's weight
-    would grow with the micro batches of a step (accumulation, ranks), while launcher.train.step makes
-    the cross-entropy one mean over the step's targets whatever the split. Weighted by share, one
-    optimizer step adds coef x (the target-weighted mean of the micro batches' aux_loss) once; a
-    single micro batch holding every target of the step adds exactly what the model's own loss adds.
-    """
-    aux = getattr(output, "aux_loss", None)
-    if coef is None or aux is None:
-        return None
-    share = (labels[..., 1:] != IGNORE).sum().to(normalizer.device) / normalizer
-    return coef * aux.to(normalizer.device) * share
-
-
-def model_loss(model: nn.Module, batch: dict, normalizer: torch.Tensor) -> torch.Tensor:
-    """The unchunked loss: the model's own `model(**batch, num_items_in_batch=normalizer).loss`, with a
-    mixture of experts' router term weighted as router_loss says (while training; none in evaluation)."""
-    output = model(**batch, num_items_in_batch=normalizer)
-    coef = router_aux_coef(config_of(model))
-    aux = getattr(output, "aux_loss", None)
-    if coef is None or aux is None:
-        return output.loss
-    kept = router_loss(output, coef, batch["labels"], normalizer) if model.training else 0.0
-    return output.loss - coef * aux.to(output.loss.device) + kept
-
-
-def config_of(model: nn.Module):
-    """The transformers config under DDP's and DeepSpeed's .module (whose engine has a .config of its
-    own, the DeepSpeed one); peft and FSDP2 pass .config through."""
-    while isinstance(getattr(model, "module", None), nn.Module):
-        model = model.module
-    return getattr(model, "config", None)
-
-
-# ---------------------------------------------------------------------------- the probe
-
-
-# A probe decides by behaviour what a list of config attributes could only guess: a tiny twin of the
-# model's architecture (its class, its config narrowed as the packing check narrows it, random
-# weights) computes its own loss and the chunked one on a few tokens. A twin, not the model: under
-# lean loading (FSDP) other ranks hold the model on the meta device, ZeRO-3 partitions its weights,
-# QLoRA's sit on a GPU; a twin gives every rank the same answer in milliseconds. Built with the
-# model's class itself, not from_config, which would partition it under ZeRO-3.
-# The twin's logits are spread wide (standard deviation ~5, not ~0.01 as drawn): a soft-cap or a
-# scale of the logits changes a loss over near-uniform logits by less than rounding.
-TWIN_LOGIT_STD = 5.0
-PROBE_RTOL = 1e-4  # float32 sums in another order differ by ~1e-6
-
-# Config attributes of models whose forward changes the logits after the head (Gemma 2/3 soft-capping,
-# Cohere's logit_scale, Granite's logits_scaling, ...). Only a fallback, for an architecture whose twin
-# cannot be built: a list knows the transforms of the models it was written for, and no others.
-LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "logits_soft_cap",
-                    "output_logit_soft_cap", "output_multiplier", "unpadded_vocab_size")
-
-
-def loss_refusal(model: nn.Module) -> str | None:
-    """Why the model's own loss is not the chunked one (cross-entropy over its output head, plus
-    router_loss), judged on a tiny twin of its architecture; None if they agree."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model  # peft wraps it
-    try:
-        return _probe(_twin(base))
-    except Exception as err:  # an architecture the shrinking does not fit, or a forward of its own: the config decides
-        first_line = (str(err).splitlines() or [""])[0][:100]
-        return _config_refusal(base.config, f"no probe ({type(err).__name__}: {first_line})")
-
-
-def _twin(model: nn.Module) -> nn.Module:
-    from launcher.data.packing_check import MAX_TWIN_PARAMETERS, twin_config
-
-    config = twin_config(model.config)
-    for part in {id(c): c for c in (config, _text_config(config))}.values():
-        if getattr(part, "router_aux_loss_coef", None) is not None:
-            part.router_aux_loss_coef = 1.0  # the router's term as large as the tokens' (0.001 hides in rounding)
-        part.use_cache = False
-    config._attn_implementation = "eager"  # flash-attn kernels, when the model uses them, need a GPU
-    with torch.device("meta"):
-        size = sum(p.numel() for p in type(model)(config).parameters())
-    if size > MAX_TWIN_PARAMETERS:
-        raise ValueError(f"the twin would have {size:,} parameters")
-    with torch.device("cpu"), torch.random.fork_rng(devices=[]):  # the run's random draws stay as they were
-        torch.manual_seed(0)
-        twin = type(model)(config).float().eval()
-        head = twin.get_output_embeddings()
-        head.weight.data.normal_(0.0, TWIN_LOGIT_STD / head.in_features**0.5)
-    return twin
-
-
-def _probe(twin: nn.Module) -> str | None:
-    head = twin.get_output_embeddings()
-    vocab = min(head.out_features, twin.get_input_embeddings().num_embeddings)
-    ids = torch.arange(16).reshape(2, 8) * 7919 % vocab  # fixed, spread over the vocabulary
-    labels = ids.clone()
-    labels[0, :3] = IGNORE  # a prompt: ignored positions must stay out of both losses
-    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
-    targets = torch.tensor(float((labels[:, 1:] != IGNORE).sum()))  # one micro batch: router share 1
-    coef = router_aux_coef(twin.config)
-    with torch.no_grad():
-        own = twin(**batch, num_items_in_batch=targets).loss
-        if own is None:
-            return "the model computes no loss of its own from labels"
-        patch_head(twin)
-        ours = _head_loss(twin, batch, targets, cross_entropy_chunk, coef)
-    if abs(float(own) - float(ours)) <= PROBE_RTOL * max(1.0, abs(float(own))):
-        return None
-    terms = "cross-entropy over its output head" + (" plus router_aux_loss_coef x aux_loss" if coef else "")
-    text = _text_config(twin.config)
-    hints = [f"config.{n}={getattr(text, n)}" for n in LOGIT_TRANSFORMS if getattr(text, n, None) is not None]
-    if getattr(text, "output_router_logits", False) and coef is None:
-        hints.append("config.output_router_logits with no router_aux_loss_coef")
-    return (f"the model's own loss is not {terms} (on a probe batch of a tiny {type(twin).__name__}: "
-            f"{float(own):.6g} against {float(ours):.6g}{'; ' + ', '.join(hints) + ' may be why' if hints else ''})")
-
-
-def _config_refusal(config, why: str) -> str | None:
-    """The fallback when no twin could be built: the known logit transforms, and an unverified router loss."""
-    configs = [config, _text_config(config)]
-    for name in LOGIT_TRANSFORMS:
-        if any(getattr(c, name, None) is not None for c in configs):
-            return f"the model changes its logits after the head (config.{name}; {why})"
-    if any(getattr(c, "output_router_logits", False) for c in configs):
-        return f"the model adds its router's loss (config.output_router_logits), unverified: {why}"
-    return None

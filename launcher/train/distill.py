@@ -23,7 +23,7 @@ models' logits, their log-softmaxes, the gradient). Here the loss and its gradie
 chunk of tokens at a time (`kl_objective`, run by launcher.train.chunked_loss): the student's head
 computes the whole loss inside its forward (when train.chunked_loss patched it), and the teacher
 hands back its final hidden states, not its logits, when its head is a plain Linear whose output
-is its loss's input (the probe of chunked_loss.refusal); then no tensor of tokens x vocab exists,
+is its loss's input (the probe of launcher.train.loss_check); then no tensor of tokens x vocab exists,
 and `kl_transient_bytes` is what one chunk holds. Otherwise the student's logits (and their
 gradient, in their dtype) or the teacher's logits are the only full-vocabulary tensors.
 """
@@ -193,10 +193,9 @@ def soft_target_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
 def distillation_loss(model, teacher: Teacher, batch: dict, normalizer: torch.Tensor,
                       classification: bool) -> torch.Tensor:
     """(1 - alpha) * task loss + alpha * soft-target loss, summed over the targets / normalizer (plus a
-    mixture of experts' router term while training, as launcher.train.chunked_loss weighs it)."""
-    from launcher.train.chunked_loss import (
-        causal_lm_loss, chunked_loss_prepared, config_of, logits_loss, router_aux_coef, router_loss,
-    )
+    mixture of experts' router term while training, as launcher.train.router_loss weighs it)."""
+    from launcher.train.chunked_loss import causal_lm_loss, chunked_loss_prepared, logits_loss
+    from launcher.train.router_loss import config_of, router_aux_coef, router_loss
 
     inputs = {k: v for k, v in batch.items() if k != "labels"}
     if classification:  # a few logits per example: plainly
@@ -231,9 +230,9 @@ def _hidden_or_logits(self, hidden: torch.Tensor) -> torch.Tensor:
 
 def hand_hidden_states(model: torch.nn.Module) -> bool:
     """Let a causal-LM teacher hand back its final hidden states instead of its logits (teacher_targets),
-    if its head is a plain Linear whose output its own loss reads as it is (launcher.train.chunked_loss's
+    if its head is a plain Linear whose output its own loss reads as it is (launcher.train.loss_check's
     probe); else (False) it keeps handing back its logits."""
-    from launcher.train.chunked_loss import refusal
+    from launcher.train.loss_check import refusal
 
     if refusal(model, "causal_lm") is not None:
         return False

@@ -38,8 +38,6 @@ from torch import nn
 
 from launcher.data.formats import IGNORE
 from launcher.train.router_loss import router_aux_coef, router_loss
-# The unchunked loss, here too: launcher.train.step takes both losses from this module.
-from launcher.train.router_loss import model_loss  # noqa: F401
 
 # Set on the model prepare_chunked_loss patched; micro_batch_loss looks for it (through DDP's .module).
 MARK = "tunefleet_chunked_loss"

@@ -46,13 +46,14 @@ def micro_batch_loss(model, batch: dict, normalizer: torch.Tensor, classificatio
     if classification:
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
         return F.cross_entropy(logits, batch["labels"], reduction="sum") / normalizer
-    from launcher.train.chunked_loss import causal_lm_loss, chunked_loss_prepared, model_loss
+    from launcher.train.chunked_loss import causal_lm_loss, chunked_loss_prepared
+    from launcher.train.router_loss import model_loss
 
     if chunked_loss_prepared(model):  # the head computes the loss chunk by chunk (train.chunked_loss)
         return causal_lm_loss(model, batch, normalizer)
     # transformers sums the token losses and divides by num_items_in_batch (peft prepends ignored
     # labels for virtual tokens, so prompt and prefix tuning count the same targets); a mixture of
-    # experts' router term is weighted as the chunked path weighs it (chunked_loss.router_loss).
+    # experts' router term is weighted as the chunked path weighs it (launcher.train.router_loss).
     return model_loss(model, batch, normalizer)
 
 

@@ -119,7 +119,11 @@ def for_inference(run):
     backend = run.backend
     gathering = getattr(backend, "gathered_for_inference", None)
     limit = run.recipe.eval.gather_weights_gib
-    if not backend.params_sharded or gathering is None or limit == 0:
+    refusal = getattr(backend, "inference_gather_refusal", lambda model: None)(run.model)
+    if not backend.params_sharded or gathering is None or limit == 0 or refusal:
+        if refusal and run.inference_gather is None and run.is_main:
+            print(f"[tunefleet] evaluation and samples gather block by block: {refusal}", flush=True)
+            run.inference_gather = GatherDecision(False, 0, 0, refusal)
         yield not backend.params_sharded
         return
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(backend.precision)

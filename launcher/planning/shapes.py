@@ -37,10 +37,24 @@ class ModelShape:
     qkv_bias: bool = False
     positions: int = 0  # learned position embeddings (encoders)
     token_types: int = 0
+    attention_dropout: float = 0.0  # on the attention probabilities, in training
+    hidden_dropout: float = 0.0  # on each sublayer's output and the embeddings (encoders), in training
+    checkpoint_dtype: str = "float32"  # what the weights files hold (config's torch_dtype; GGUF converts to float32)
 
     @property
     def kv_dim(self) -> int:
         return self.kv_heads * self.head_dim
+
+    @property
+    def q_dim(self) -> int:
+        """Width of the queries and of the attention output: heads x head_dim, which need not be hidden
+        (Gemma, Qwen3)."""
+        return self.heads * self.head_dim
+
+
+def _checkpoint_dtype(config: dict) -> str:
+    dtype = str(config.get("torch_dtype") or config.get("dtype") or "float32").removeprefix("torch.")
+    return dtype if dtype in ("float32", "bfloat16", "float16") else "float32"
 
 
 def shape_from_config(config: dict, where: str) -> ModelShape:
@@ -55,6 +69,7 @@ def shape_from_config(config: dict, where: str) -> ModelShape:
             head_dim=config.get("head_dim") or hidden // heads,
             tied_embeddings=bool(config.get("tie_word_embeddings", model_type != "llama")),
             qkv_bias=bool(config.get("attention_bias", model_type == "qwen2")),
+            attention_dropout=float(config.get("attention_dropout") or 0.0), checkpoint_dtype=_checkpoint_dtype(config),
         )
     if model_type in ENCODER_TYPES:
         heads = config["num_attention_heads"]
@@ -63,6 +78,8 @@ def shape_from_config(config: dict, where: str) -> ModelShape:
             intermediate=config["intermediate_size"], layers=config["num_hidden_layers"], heads=heads,
             kv_heads=heads, head_dim=config["hidden_size"] // heads, tied_embeddings=True, qkv_bias=True,
             positions=config.get("max_position_embeddings", 512), token_types=config.get("type_vocab_size", 2),
+            attention_dropout=float(config.get("attention_probs_dropout_prob", 0.1)),
+            hidden_dropout=float(config.get("hidden_dropout_prob", 0.1)), checkpoint_dtype=_checkpoint_dtype(config),
         )
     raise UserError(f"{where}: model_type '{model_type}' is not one tunefleet plan can size yet "
                     f"(decoders: {', '.join(DECODER_TYPES)}; encoders: {', '.join(ENCODER_TYPES)})")

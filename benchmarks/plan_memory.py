@@ -96,7 +96,6 @@ def _mapped_tensor_bytes(*modules) -> int:
 
 def probe(argv: list[str]) -> int:
     """Run the training script with its memory followed; write RANK's record, stop after the last step."""
-    import torch
     from torch.profiler import ProfilerActivity, profile
 
     import launcher.train.build as build
@@ -138,73 +137,13 @@ def probe(argv: list[str]) -> int:
             if profiler:
                 profiler.stop()
                 record["tensor_windows"] = _tensor_windows(profiler, record["marks"])
-            dump = record.pop("dump", None)
             out.write_text(json.dumps(record))
-            if dump:
-                dump()
             sys.stdout.flush()
             sys.stderr.flush()
             os._exit(0)  # the figures are taken: no final evaluation or save
         return result
 
     build.build_model, build.build_run, loop.train_step = measured_build_model, measured_build_run, measured_train_step
-    if os.environ.get("PLAN_MEMORY_TRACE"):  # debugging aid: resident memory every 2 ms, by phase of the step
-        import threading
-
-        import launcher.train.step as step_module
-
-        phase, samples = ["build"], []
-
-        def sample():
-            while True:
-                samples.append((phase[0], _status()["VmRSS"]))
-                time.sleep(0.002)
-
-        threading.Thread(target=sample, daemon=True).start()
-
-        def phased(name, fn):
-            def wrapped(*args, **kwargs):
-                phase[0] = name + " " + str(len(record["steps"]) + 1)
-                try:
-                    return fn(*args, **kwargs)
-                finally:
-                    phase[0] = "between"
-            return wrapped
-
-        step_module.micro_batch_loss = phased("forward", step_module.micro_batch_loss)
-        def dump():
-            import itertools
-
-            base = record.get("before_load", {}).get("VmRSS", 0)
-            for name, group in itertools.groupby(samples, key=lambda x: x[0]):
-                group = list(group)
-                print(f"TRACE rank {rank} {name:14s} peak {(max(v for _, v in group) - base) / MiB:7.0f} "
-                      f"end {(group[-1][1] - base) / MiB:7.0f}", file=sys.stderr)
-        record["dump"] = dump
-        original_step = train_step
-
-        def traced_step(run, step, fed):
-            backend = run.backend
-            if not getattr(backend, "_traced", False):
-                backend.backward = phased("backward", backend.backward)
-                backend.optimizer_step = phased("optimizer", backend.optimizer_step)
-                backend._traced = True
-            return original_step(run, step, fed)
-        train_step = traced_step
-    if os.environ.get("PLAN_MEMORY_CENSUS"):
-        import launcher.train.step as step_module
-
-        loss_fn, calls = step_module.micro_batch_loss, []
-
-        def census_loss(*args, **kwargs):
-            loss = loss_fn(*args, **kwargs)
-            calls.append(1)
-            if len(calls) == int(os.environ["PLAN_MEMORY_CENSUS"]):
-                _census(None, rank)
-            return loss
-
-        step_module.micro_batch_loss = census_loss
-    del torch
     if os.environ.get("WORLD_SIZE"):  # started by accelerate: what launcher/run.py does
         from launcher.run import main
 
@@ -212,28 +151,6 @@ def probe(argv: list[str]) -> int:
     from launcher.cli import main  # one process: `tunefleet run` trains in its own process
 
     return main(["run", *argv])
-
-
-def _census(run, rank):  # debugging aid: the largest live tensor storages after a step
-    import gc
-    from collections import Counter
-
-    import torch
-
-    seen, sizes = set(), Counter()
-    for obj in gc.get_objects():
-        try:
-            if isinstance(obj, torch.Tensor) and obj.device.type == "cpu":
-                st = obj.untyped_storage()
-                if st.data_ptr() in seen or st.nbytes() == 0:
-                    continue
-                seen.add(st.data_ptr())
-                sizes[(str(obj.dtype), tuple(obj.shape), type(obj).__name__)] += st.nbytes()
-        except Exception:
-            pass
-    print(f"CENSUS rank {rank} total {sum(sizes.values()) / MiB:.0f} MiB", file=sys.stderr)
-    for key, size in sizes.most_common(25):
-        print(f"CENSUS rank {rank} {key} {size / MiB:.1f} MiB", file=sys.stderr)
 
 
 def _count_every_thread() -> None:
@@ -249,6 +166,33 @@ def _count_every_thread() -> None:
     ctypes.c_bool.in_dll(lib, "FLAGS_caffe2_report_cpu_memory_usage").value = True
 
 
+def _print_live_at_peak(nodes, marks: dict[str, int]) -> None:
+    """PLAN_MEMORY_WHERE=1: the tensors alive at the last step's peak, by the operations that allocated them
+    (how the ZeRO-3 linear's kept inputs were found). Frees made on other threads are not seen here."""
+    from collections import Counter
+
+    last = sorted(marks.values())[-2]
+    late = [n for n in nodes if n.start_time_ns >= last]
+    peak_time = max(late, key=lambda n: n.extra_fields.total_allocated).start_time_ns
+    live = {}
+    for node in sorted(nodes, key=lambda n: n.start_time_ns):
+        if node.start_time_ns > peak_time:
+            break
+        if node.extra_fields.alloc_size > 0:
+            chain, parent = [], node.parent
+            while parent is not None and len(chain) < 3:
+                chain.append(parent.name)
+                parent = parent.parent
+            live[node.extra_fields.ptr] = (node.extra_fields.alloc_size, " < ".join(chain))
+        else:
+            live.pop(node.extra_fields.ptr, None)
+    by_op = Counter()
+    for size, chain in live.values():
+        by_op[chain] += size
+    for chain, size in by_op.most_common(30):
+        print(f"LIVE {size / MiB:8.1f} MiB {chain}", file=sys.stderr)
+
+
 def _tensor_windows(profiler, marks: dict[str, int]) -> dict[str, int]:
     """Peak bytes the allocator held, since the model began loading, within each window between marks."""
     def walk(nodes):
@@ -259,17 +203,8 @@ def _tensor_windows(profiler, marks: dict[str, int]) -> dict[str, int]:
     nodes = [n for n in walk(profiler.profiler.kineto_results.experimental_event_tree())
              if type(n.extra_fields).__name__.endswith("Allocation")]
     events = sorted((n.start_time_ns, n.extra_fields.total_allocated) for n in nodes)
-    if os.environ.get("PLAN_MEMORY_WHERE"):  # debugging aid: what allocated at the peak, and just before
-        last = sorted(marks.values())[-2]
-        late = sorted((n for n in nodes if n.start_time_ns >= last), key=lambda n: n.start_time_ns)
-        top = max(range(len(late)), key=lambda i: late[i].extra_fields.total_allocated)
-        for n in late[max(0, top - 40): top + 1]:
-            chain, p = [], n.parent
-            while p is not None and len(chain) < 6:
-                chain.append(p.name)
-                p = p.parent
-            print(f"WHERE {n.extra_fields.total_allocated / MiB:.0f} {n.extra_fields.alloc_size / MiB:+.1f} "
-                  f"{' < '.join(chain)}", file=sys.stderr)
+    if os.environ.get("PLAN_MEMORY_WHERE"):
+        _print_live_at_peak(nodes, marks)
     order = sorted(marks.items(), key=lambda kv: kv[1])
     windows: dict[str, int] = {}
     level = 0
@@ -316,13 +251,16 @@ def recipe_words(name: str, work: Path) -> list[str]:
 
     _, recipe = load_recipe([f"recipe={name}"])
     classification = recipe.model.task == "classification"
+    labels = set()
     for split, count in (("train", 64), ("eval", 16)):
         with open(work / f"{split}.jsonl", "w") as f:
             for row in long_rows(recipe.data.max_seq_len, count, classification):
                 f.write(json.dumps(row) + "\n")
-    return [f"recipe={name}", f"data.train={work}/train.jsonl", f"data.eval={work}/eval.jsonl",
-            *([] if classification else ["data.format=alpaca"]), f"train.max_steps={STEPS}", *QUIET,
-            f"distributed.main_process_port={free_port()}"]
+                labels.add(row.get("label"))
+    # The labels named, so that the plan recomputed later (when these files are gone) sizes the same head.
+    kind = [f"data.labels=[{','.join(sorted(labels))}]"] if classification else ["data.format=alpaca"]
+    return [f"recipe={name}", f"data.train={work}/train.jsonl", f"data.eval={work}/eval.jsonl", *kind,
+            f"train.max_steps={STEPS}", *QUIET, f"distributed.main_process_port={free_port()}"]
 
 
 def launch(words: list[str], work: Path, mode: str) -> list[dict]:
@@ -366,7 +304,8 @@ def measure(name: str) -> dict:
         base = r["before_load"]["VmRSS"]
         ranks.append({
             "rank": t["rank"],
-            "tensors_loading": windows["loaded"] + t["mapped_after_build"],
+            # Mapped weights: the whole model on FSDP2's rank 0 until sharded; a teacher loaded last.
+            "tensors_loading": windows["loaded"] + max(t["mapped_after_build"], t["mapped_after_load"]),
             "tensors_steps": [windows[f"step{i}"] + t["mapped_after_load"] for i in range(1, STEPS + 1)],
             "mapped_weights": t["mapped_after_load"],
             "rss_before_load": base,
@@ -502,8 +441,9 @@ def recipe_table() -> tuple[list[str], list[str]]:
                         f"{measured_train / MiB:.0f} / {measured_load / MiB:.0f} | {100 * error:+.1f}% | "
                         f"{max(rank['rss_steps']) / MiB:.0f} / {rank['rss_loading'] / MiB:.0f} | "
                         f"{rank['rss_before_load'] / MiB:.0f} |")
+        words = " ".join(re.sub(r"=/tmp/[^ ]*/", "=LONG_ROWS/", w) for w in entry["words"])
         notes.append(f"- `{name}`: {entry['date']}, torch {entry['torch']}: `{entry['command']}` "
-                     f"(words: `{' '.join(entry['words'])}`)")
+                     f"(recipe words: `{words}`)")
     return rows, notes
 
 

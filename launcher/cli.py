@@ -9,7 +9,7 @@
     tunefleet logs RUN | SWEEP | SWEEP/RUN [-f]                      (Slurm or local log, across requeues)
     tunefleet search SEARCH.yaml [recipe words] [search.dir=DIR]   (Optuna; each trial a run)
     tunefleet validate recipe=qlora
-    tunefleet plan recipe=lora_zero3 distributed.num_processes=8 --device-memory 80GiB [--json]
+    tunefleet plan recipe=lora_zero3 distributed.num_processes=8 --device h100 [--json]
     tunefleet recipes
     tunefleet keys [section]
     tunefleet merge runs/lora-20261122-101500 [--dtype bfloat16]

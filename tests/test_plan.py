@@ -460,9 +460,9 @@ def test_plan_for_a_device_renders_what_the_run_would_resolve_there(capsys):
     assert 0.4 < h100["memory_per_device_gib"]["activations"] / cpu["memory_per_device_gib"]["activations"] < 0.7
     assert h100["device_memory_gib"] == 80 and h100["fits"] is True and "fits" not in cpu
     assert cpu["memory_per_device_gib"]["overhead"] < h100["memory_per_device_gib"]["overhead"]  # CUDA context
-    assert "device cpu: precision fp32, frozen weights in float32, attention sdpa" in planned("--device", "cpu")
+    assert "device cpu: precision fp32, weights load in float32, attention sdpa" in planned("--device", "cpu")
     text = planned("--device=h100")
-    assert "device h100: precision bf16, frozen weights in bfloat16" in text and "fits 80.0 GiB: yes" in text
+    assert "device h100: precision bf16, weights load in bfloat16" in text and "fits 80.0 GiB: yes" in text
     assert "fits 24.0 GiB" in planned("--device", "L4")  # names are not case-sensitive
 
 

@@ -16,7 +16,8 @@ to its math kernel, which keeps the scores, the dropout noise and the dropped sc
 len x c per token) and a context the output projection cannot share.
 Dropout masks: a bool per element on a GPU (native_dropout); on a CPU torch multiplies by a noise
 tensor in the input's dtype, and that is what backward keeps.
-A weight that trains (or an adapter that reads the same input) needs its input: once per input when
+A weight that trains (or an adapter that reads the same input; under DeepSpeed ZeRO-3 every weight, as
+its linear function keeps the input whatever trains) needs its input: once per input when
 no cast is needed (the query, key and value maps share the normed hidden states), one 16-bit copy
 per map where autocast casts it. LoRA keeps its B's input (r per token); with dropout its A reads a
 dropped copy (the copy plus the mask) instead of the shared input. IA3 keeps the input (feed-forward
@@ -66,10 +67,18 @@ class Run:
     checkpointing: bool
     loss: str  # chunked, full (the whole vocabulary's logits), classification
     attention: str = "sdpa"  # the kernel (model.attn_implementation as resolved)
+    zero3: bool = False  # DeepSpeed ZeRO-3: its linear function keeps every map's input, frozen or not
+    # 16-bit parameters instead of autocast: FSDP2's mixed precision gathers them in bf16, DeepSpeed's bf16
+    # and fp16 modes convert the model; adapters then are 16-bit too and nothing is cast per use.
+    native_16bit: bool = False
 
     @property
     def autocast(self) -> bool:
-        return self.compute_bytes == 2
+        return self.compute_bytes == 2 and not self.native_16bit
+
+    @property
+    def adapter_bytes(self) -> int:
+        return 2 if self.native_16bit else 4
 
 
 @dataclass(frozen=True)
@@ -94,7 +103,7 @@ def _input_bytes(shape: ModelShape, run: Run, block: BlockTraining, role: str, w
     """Bytes per token that the maps of one input (`role`) keep of it: once if some map reads it as it
     is (nothing if the attention kernel keeps it anyway: `free`), plus the copy each casting map keeps."""
     readers: dict[str, tuple[int, bool]] = {}  # map -> (bytes it reads, whether that is a copy of its own)
-    if block.weights_train:
+    if block.weights_train or run.zero3:
         for lin in linears(shape, None):
             if lin.layer == 0 and lin.role == role:  # autocast casts to c; else the map reads the input as is
                 m = run.compute_bytes if run.autocast else dtype
@@ -106,9 +115,10 @@ def _input_bytes(shape: ModelShape, run: Run, block: BlockTraining, role: str, w
         if adapter.kind == "lora" and not adapter.dropout:
             # peft casts the input to its float32 weights' dtype; autocast then casts that to c: a copy
             # per adapter. In float32 the adapters share the input.
-            readers[name] = (run.compute_bytes, True) if run.autocast else (4, dtype != 4)
-        elif adapter.kind == "ia3_in":  # peft casts the input to its float32 vector's dtype before scaling
-            readers[name] = (4, dtype != 4)
+            a = run.adapter_bytes
+            readers[name] = (run.compute_bytes, True) if run.autocast else (a, dtype != a)
+        elif adapter.kind == "ia3_in":  # peft casts the input to its (float32) vector's dtype before scaling
+            readers[name] = (run.adapter_bytes, dtype != run.adapter_bytes)
     shared = any(not copy for _, copy in readers.values())
     copies = sum(m for m, copy in readers.values() if copy)
     return width * ((dtype if shared and not free else 0) + copies)
@@ -118,7 +128,7 @@ def _adapter_bytes(run: Run, adapter: Adapter, input_needs_grad: bool) -> float:
     """Bytes per token an adapter keeps beyond the inputs counted by _input_bytes. Dropout keeps its mask
     only for its input's gradient: not in the lowest trained block's first maps."""
     d, e = adapter.linear.inp, adapter.linear.out
-    m = run.compute_bytes if run.autocast else 4  # the adapter's matmuls (float32 weights, or autocast's c)
+    m = run.compute_bytes if run.autocast else run.adapter_bytes  # the adapter's matmuls: its weights' or autocast's
     if adapter.kind == "ia3_out":
         return e * run.compute_bytes if run.autocast else e * run.stream_bytes
     if adapter.kind == "ia3_in":
@@ -127,7 +137,7 @@ def _adapter_bytes(run: Run, adapter: Adapter, input_needs_grad: bool) -> float:
     if adapter.dropout:
         kept += d * m  # A's input, the dropped copy
         if input_needs_grad or adapter.linear.role != "attn_in":
-            kept += d * _mask_bytes(run, 4)  # the noise (float32: peft's cast)
+            kept += d * _mask_bytes(run, run.adapter_bytes)  # the noise, in the adapter's dtype (peft's cast)
     if adapter.dora:
         kept += 2 * e * m  # the magnitude path's scaled base output and adapter output
     return kept
@@ -212,11 +222,24 @@ def loss_bytes(shape: ModelShape, run: Run, train: Trainable, tokens: int) -> tu
         kept += v * h * 4  # and the head weight's, in float32
     chunk = min(chunk_tokens(tokens, v, h), tokens)
     # One chunk of float32 logits (16-bit matmuls add their output and the gradient's cast back).
-    transient = chunk * v * (4 + (2 if run.autocast else 0))
+    transient = chunk * v * (4 + (2 if c == 2 else 0))
     head_bytes = 4 if train.head_trains else s
     if run.autocast and head_bytes != c:
         transient += v * h * c  # the head weight cast to the compute dtype, for the chunk loop
     return kept, transient
+
+
+def working_bytes(shape: ModelShape, run: Run, positions: int) -> float:
+    """Bytes per token one block's forward holds at once whether or not they are kept: its input, then
+    the MLP's four I-wide tensors (decoder) or the query, key, value and the scores through dropout
+    (encoder, math kernel). What a frozen model's forward costs beyond its weights (classify_head)."""
+    h, i = shape.hidden, shape.intermediate
+    act = run.compute_bytes if run.autocast else run.stream_bytes
+    if shape.family == "decoder":
+        return (h + 4 * i) * act
+    if _math_attention(shape, run):
+        return 4 * h * act + 3 * shape.heads * positions * (4 if run.autocast else act)
+    return 5 * h * act
 
 
 def _ends_bytes(shape: ModelShape, run: Run, train: Trainable) -> float:
@@ -244,6 +267,7 @@ def activation_bytes(shape: ModelShape, train: Trainable, run: Run) -> Activatio
     kept_constants = sum(k for k, _ in constants)
     copies = sum(c for _, c in constants)
     loss_kept, loss_transient = loss_bytes(shape, run, train, tokens)
+    loss_transient = max(loss_transient, tokens * working_bytes(shape, run, positions))
     ends = tokens * _ends_bytes(shape, run, train)
     if run.checkpointing:
         # Each block's input is kept; in backward one block at a time is recomputed, whole.

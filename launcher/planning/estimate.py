@@ -113,11 +113,15 @@ def estimate(recipe, device) -> tuple[Estimate, dict]:
     states = model_state_bytes(shape, params_total + train.adapter, train, setup, prec, recipe.train.optimizer,
                                qlora, labels, accumulation)
     classification = recipe.model.task == "classification"
+    # Under FSDP2 and DeepSpeed a 16-bit precision makes the parameters 16-bit (gathered so, or converted);
+    # elsewhere accelerate's autocast casts float32 weights per use.
+    native = prec.sixteen_bit and setup.backend != "ddp"
     run = Run(rows=recipe.train.micro_batch_size, seq_len=recipe.data.max_seq_len,
               compute_bytes=2 if prec.sixteen_bit else 4,
-              stream_bytes=4 if qlora else DTYPE_BYTES[settings.weight_dtype],
-              float32_weights=settings.weight_dtype == "float32", quantized=bool(qlora), gpu=device.gpu,
+              stream_bytes=2 if native else 4 if qlora else DTYPE_BYTES[settings.weight_dtype],
+              float32_weights=settings.weight_dtype == "float32" and not native, quantized=bool(qlora), gpu=device.gpu,
               checkpointing=recipe.train.gradient_checkpointing, attention=settings.attn_implementation,
+              zero3=setup.backend == "zero3", native_16bit=native,
               loss="classification" if classification else "chunked" if recipe.train.chunked_loss else "full")
     act = activation_bytes(shape, train, run)
     transient = act.transient

@@ -206,7 +206,7 @@ def _settings_line(r: dict) -> str:
     extra += ["fused AdamW"] if d["fused_adamw"] else []
     copies = r.get("autocast_weight_copies_gib") or 0
     extra += [f"autocast keeps 16-bit copies of float32 weights ({copies:.3f} GiB per micro batch)"] if copies else []
-    return (f"device {r['device']}: precision {d['precision']}, frozen weights in {d['weight_dtype']}, attention "
+    return (f"device {r['device']}: precision {d['precision']}, weights load in {d['weight_dtype']}, attention "
             f"{d['attn_implementation']}" + "".join(f", {e}" for e in extra))
 
 

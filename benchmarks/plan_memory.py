@@ -19,8 +19,9 @@ step. A probe (this file, run as the training script) records in every process:
   parts, less the fixed "overhead" line), and the error column;
 - in a second run without the profiler, the peak resident memory (VmHWM, reset when the model starts
   loading and after loading) above the resident memory just before the model loads, with the launcher's
-  1 MiB glibc mmap threshold. It adds the allocator's slack to the tensors: glibc keeps freed blocks
-  under the threshold for reuse rather than returning them.
+  1 MiB glibc mmap threshold. It adds the allocator's slack to the tensors (glibc keeps freed blocks
+  under the threshold for reuse rather than returning them) and the pages of a memory-mapped
+  checkpoint while it is read (QLoRA quantizes from the float32 file).
 The planner's fixed CPU overhead (the Python and torch runtime) is compared with the resident memory
 before the model loads.
 """
@@ -417,8 +418,28 @@ def planned(words: list[str]):
     return estimate(recipe, PROFILES["cpu"])[0]
 
 
+def recorded() -> dict:
+    """The CPU measurements on record, by recipe."""
+    return json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
+
+
+def compared(entry: dict) -> tuple[int, int, list[float]]:
+    """The planner's training and loading bytes (less the fixed overhead) for a recorded run, and per rank the
+    relative error of its peak against the measured peak of live tensors, loading or training."""
+    est = planned(entry["words"])
+    overhead = est.device["overhead"]
+    train_plan, load_plan = est.training - overhead, est.loading_total - overhead
+    errors = []
+    for rank in entry["ranks"]:
+        measured = max(max(rank["tensors_steps"]), rank["tensors_loading"])
+        # The plan's loading figure is the loading rank's (rank 0); the others hold at most their shard.
+        plan_peak = max(train_plan, load_plan if rank["rank"] == 0 else 0)
+        errors.append(plan_peak / measured - 1)
+    return train_plan, load_plan, errors
+
+
 def recipe_table() -> tuple[list[str], list[str]]:
-    data = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
+    data = recorded()
     rows = ["| recipe | rank | plan: training / loading (MiB) | measured tensors: training / loading (MiB) | "
             "error of the peak | peak RSS above the pre-load RSS: training / loading (MiB) | "
             "RSS before loading (MiB) |",
@@ -429,14 +450,9 @@ def recipe_table() -> tuple[list[str], list[str]]:
         if entry is None:
             rows.append(f"| {name} | | not measured yet | | | | |")
             continue
-        est = planned(entry["words"])
-        overhead = est.device["overhead"]
-        train_plan, load_plan = est.training - overhead, est.loading_total - overhead
-        for rank in entry["ranks"]:
+        train_plan, load_plan, errors = compared(entry)
+        for rank, error in zip(entry["ranks"], errors):
             measured_train, measured_load = max(rank["tensors_steps"]), rank["tensors_loading"]
-            # The plan's loading figure is the loading rank's (rank 0); the others hold at most their shard.
-            plan_peak = max(train_plan, load_plan if rank["rank"] == 0 else 0)
-            error = plan_peak / max(measured_train, measured_load) - 1
             rows.append(f"| {name} | {rank['rank']} | {train_plan / MiB:.0f} / {load_plan / MiB:.0f} | "
                         f"{measured_train / MiB:.0f} / {measured_load / MiB:.0f} | {100 * error:+.1f}% | "
                         f"{max(rank['rss_steps']) / MiB:.0f} / {rank['rss_loading'] / MiB:.0f} | "
@@ -474,6 +490,18 @@ def report() -> str:
         "estimates. The resident-memory columns show what the process paid above its resident memory before "
         "loading, allocator slack included; the last column is the runtime the overhead line stands for.\n",
         *rows, "", "Measured:", *notes, "",
+        "What the fit found (each now in the planner: launcher/planning/activations.py and memory.py):",
+        "- LoRA dropout keeps, per adapted map, the dropped input and the dropout's mask; on a CPU the mask is "
+        "the float noise tensor torch multiplies by (a bool per element on a GPU). The recipes' 0.05 costs "
+        "SmolLM2 6 x hidden per token and block (+44% over dropout off).",
+        "- Under DeepSpeed ZeRO-3 (defaults: stage3_max_live_parameters and stage3_max_reuse_distance 1e9) every "
+        "parameter gathered in forward stays gathered until backward: a model smaller than 1e9 parameters is "
+        "whole on every rank during the step; and its linear function keeps every map's input, frozen or not.",
+        "- A frozen model's forward still holds one block's working set (classify_head: the attention scores "
+        "through dropout).",
+        "- Loading: a float32 checkpoint loaded in float32 is memory-mapped, not copied; FSDP2's rank 0 holds the "
+        "whole model and its shard until every rank is filled; ZeRO-3 on a CPU reads the whole model on every "
+        "rank.", "",
         "## What one micro batch keeps for backward (saved-tensor hooks, SmolLM2-135M and MiniLM-L6, CPU)\n",
         "Dropout on, as the recipes train; `bf16` is CPU autocast with the frozen weights in bfloat16 (what "
         "model.dtype=auto loads under bf16), except full fine-tuning, whose float32 weights autocast copies. "

@@ -547,3 +547,18 @@ def test_distillation_counts_the_teachers_hidden_states_and_one_chunk_of_the_kl(
     assert est.device["activation peak"] >= kl_transient_bytes(tokens, shape.vocab, shape.hidden) + \
         tokens * shape.hidden * 4
     assert "teacher" in est.device and "teacher" not in without.device
+
+
+def test_the_estimate_stays_within_ten_percent_of_every_shipped_recipes_measured_cpu_peak():
+    """The peaks recorded by `benchmarks/plan_memory.py measure` (3 real steps of each shipped recipe on this
+    CPU, live tensors counted by a dispatch probe) against the current planner: a change to the planner that
+    moves any recipe's estimate more than 10% from what was measured fails here."""
+    from benchmarks import plan_memory
+
+    data = plan_memory.recorded()
+    assert set(data) == set(plan_memory.SHIPPED), f"not measured: {set(plan_memory.SHIPPED) - set(data)}"
+    off = {}
+    for name, entry in data.items():
+        _, _, errors = plan_memory.compared(entry)
+        off.update({f"{name} rank {r}": round(100 * e, 1) for r, e in enumerate(errors) if abs(e) > 0.10})
+    assert not off, f"estimate vs measured peak, % off: {off}"

@@ -29,11 +29,12 @@ SAME = ["peft.dropout=0", "train.max_steps=3", "eval.every_steps=3", "eval.at_st
         "train.global_batch_size=4", "eval.sample_prompts=[]"]
 
 
-def launch(out: Path, recipe: str, model: Path, *words: str, processes: int = 2) -> subprocess.CompletedProcess:
+def launch(out: Path, recipe: str, model: Path, *words: str, processes: int = 2,
+           timeout: int = 600) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     argv = [sys.executable, "-m", "launcher.cli", "run", f"recipe={recipe}", f"model.name={model}", f"output.dir={out}",
             *QUICK, *words, f"distributed.num_processes={processes}", f"distributed.main_process_port={free_port()}"]
-    done = subprocess.run(argv, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    done = subprocess.run(argv, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
     return done
 

@@ -127,16 +127,6 @@ class DeepSpeedBackend:
 
         return deepspeed.zero.GatheredParameters([p for p in model.parameters() if p.requires_grad])
 
-    def inference_gather_refusal(self, model) -> str | None:
-        """Why not to gather for inference here, or None. A full fine-tune under ZeRO-3 hung in the
-        first training step after a gathered evaluation and sample (seen once, in the suite, on CPU;
-        the cause is not established: DeepSpeed re-registers its module hooks after gathering, and
-        every parameter there has gradient hooks too). Until it is understood, such runs keep the
-        block-by-block path; adapter runs, which trained and matched after gathering, gather."""
-        if self.stage == 3 and all(p.requires_grad for p in model.parameters()):
-            return "a ZeRO-3 full fine-tune is not gathered (see DeepSpeedBackend.inference_gather_refusal)"
-        return None
-
     def gathered_for_inference(self, accelerator, model):
         """ZeRO-3: every partition gathered once, with the engine's per-module gather hooks off
         (launcher.distributed.inference_weights decides when it fits)."""

@@ -84,11 +84,35 @@ def decide(accelerator, model, limit_gib: float | None, compute_dtype: torch.dty
 @contextlib.contextmanager
 def deepspeed_gathered(engine):
     """ZeRO-3: every partition gathered, and the engine's fetch/release hooks off while inside (they
-    would free the gathered weights after each module). DeepSpeed's own helper does both."""
+    would free the gathered weights after each module). DeepSpeed's own helper does both, but leaves
+    one hook on: the root module's start-of-forward hook, which resets the parameter coordinator's
+    step. Until that coordinator holds a complete trace, the reset checks that every rank recorded the
+    same module order: a broadcast. The helper itself invalidates the trace when it re-registers the
+    hooks, so the first forward after each gathered evaluation or sample makes that broadcast; with the
+    main process generating alone it waited there forever while the other rank waited in the step's
+    next collective (DeepSpeed 0.19.8, a ZeRO-3 full fine-tune at world size 2). The hook is taken off
+    here too and put back first in line, as DeepSpeed registered it."""
     from deepspeed.runtime.zero.stage3 import unwrap_model_for_generation
 
-    with unwrap_model_for_generation(engine):
+    with unwrap_model_for_generation(engine), _start_of_forward_hook_off(engine):
         yield
+
+
+@contextlib.contextmanager
+def _start_of_forward_hook_off(engine):
+    optimizer = getattr(engine, "optimizer", None)
+    offload = getattr(optimizer, "parameter_offload", optimizer)
+    handle = getattr(offload, "fwd_pre_hook", None)
+    module = getattr(offload, "module", None)
+    hook = module._forward_pre_hooks.pop(handle.id, None) if handle is not None and module is not None else None
+    if hook is None:
+        # A DeepSpeed whose parameter offload keeps no such hook: nothing collective is left on.
+        yield
+        return
+    try:
+        yield
+    finally:
+        offload.fwd_pre_hook = module.register_forward_pre_hook(hook, prepend=True)
 
 
 @contextlib.contextmanager
@@ -119,11 +143,7 @@ def for_inference(run):
     backend = run.backend
     gathering = getattr(backend, "gathered_for_inference", None)
     limit = run.recipe.eval.gather_weights_gib
-    refusal = getattr(backend, "inference_gather_refusal", lambda model: None)(run.model)
-    if not backend.params_sharded or gathering is None or limit == 0 or refusal:
-        if refusal and run.inference_gather is None and run.is_main:
-            print(f"[tunefleet] evaluation and samples gather block by block: {refusal}", flush=True)
-            run.inference_gather = GatherDecision(False, 0, 0, refusal)
+    if not backend.params_sharded or gathering is None or limit == 0:
         yield not backend.params_sharded
         return
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(backend.precision)

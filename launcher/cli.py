@@ -29,12 +29,18 @@ USAGE = __doc__.strip()
 
 
 def cmd_recipes(_: list[str]) -> int:
+    from launcher.config.assets import is_shipped, search_path
     from launcher.config.load import available_recipes, read_yaml
 
     recipes = available_recipes()
-    width = max(map(len, recipes), default=0)
+    if not recipes:
+        folders = ", ".join(str(p) for p in search_path("recipes"))
+        raise UserError(f"no recipes found (searched {folders}); reinstall tunefleet, or set TUNEFLEET_RECIPES "
+                        "to a folder of recipe YAML files")
+    width = max(map(len, recipes))
     for name, path in recipes.items():
-        print(f"{name:<{width}}  {read_yaml(path).get('description', '')}")
+        origin = "" if is_shipped(path) else f"  [{path}]"  # a user's own recipe, or one hiding a shipped name
+        print(f"{name:<{width}}  {read_yaml(path).get('description', '')}{origin}")
     return 0
 
 

@@ -77,7 +77,7 @@ def test_profile_values_that_could_become_code_are_refused(override, named):
 
 
 def test_unknown_cluster_lists_the_shipped_ones():
-    with pytest.raises(UserError, match="shipped: example, local"):
+    with pytest.raises(UserError, match="available: example, local"):
         load_profile("nope", [])
 
 

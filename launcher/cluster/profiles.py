@@ -25,9 +25,9 @@ from typing import Literal, Optional
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from launcher.config.assets import named_yaml_files, search_path
 from launcher.errors import UserError
 
-PROFILES_DIR = Path(__file__).resolve().parents[2] / "slurm" / "clusters"
 # What a directive value may hold: letters, digits and the punctuation Slurm values use
 # (partition lists, gres specs, times, memory sizes, feature expressions).
 SAFE_VALUE = re.compile(r"^[A-Za-z0-9_.,:=+@%/\-\[\]()&|*]+$")
@@ -200,7 +200,8 @@ class ClusterProfile(BaseModel):
 
 
 def available_profiles() -> dict[str, Path]:
-    return {p.stem: p for p in sorted(PROFILES_DIR.glob("*.yaml"))}
+    """Every profile on the search path (launcher.config.assets): a user's folders, then the shipped ones."""
+    return named_yaml_files("clusters")
 
 
 def _as_text(raw: str):
@@ -248,10 +249,11 @@ def load_profile(name: str | None, overrides: list[tuple[str, str]]) -> ClusterP
     """The profile `cluster=NAME` picks (none: all defaults), with `slurm.KEY=VALUE` overrides applied."""
     data: dict = {}
     if name:
-        path = Path(name) if name.endswith((".yaml", ".yml")) else PROFILES_DIR / f"{name}.yaml"
-        if not path.is_file():
-            raise UserError(f"cluster={name}: no such profile (shipped: {', '.join(available_profiles())}; "
-                            "or give a path to a .yaml file)")
+        path = Path(name).expanduser() if name.endswith((".yaml", ".yml")) else available_profiles().get(name)
+        if path is None or not path.is_file():
+            folders = ", ".join(str(p) for p in search_path("clusters"))
+            raise UserError(f"cluster={name}: no such profile (available: {', '.join(available_profiles()) or 'none'}, "
+                            f"searched {folders}; or give a path to a .yaml file)")
         try:
             data = yaml.load(path.read_text(), Loader=yaml.BaseLoader) or {}
         except yaml.YAMLError as err:

@@ -18,9 +18,9 @@ from pathlib import Path
 
 from launcher.cluster.job_settings import SETTINGS_ENV
 from launcher.cluster.profiles import SAFE_VALUE, ClusterProfile
+from launcher.config.assets import shipped
 from launcher.errors import UserError
 
-TEMPLATES_DIR = Path(__file__).resolve().parents[2] / "slurm"
 COLLECT_TIME = "00:30:00"  # tables, a plot and TensorBoard files: minutes even for a large sweep
 DIRECTIVE = re.compile(r"^#SBATCH\s+(--?[A-Za-z][A-Za-z0-9-]*)(?:[= ](\S+))?")
 
@@ -36,7 +36,7 @@ def safe_job_name(prefix: str, name: str) -> str:
 
 
 def template_for(nodes: int) -> Path:
-    return TEMPLATES_DIR / ("multi_node.sbatch" if nodes > 1 else "single_node.sbatch")
+    return shipped("slurm") / ("multi_node.sbatch" if nodes > 1 else "single_node.sbatch")
 
 
 def check_directives(options: dict[str, str | None]) -> None:

@@ -17,15 +17,15 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ValidationError
 
+from launcher.config.assets import named_yaml_files, search_path
 from launcher.config.schema import METHOD_NAMES, Recipe
 from launcher.errors import UserError
 
-PROJECT_ROOT = Path(__file__).resolve().parents[2]
-RECIPES_DIR = Path(os.environ.get("TUNEFLEET_RECIPES", PROJECT_ROOT / "recipes"))
 
 
 def available_recipes() -> dict[str, Path]:
-    return {p.stem: p for p in sorted(RECIPES_DIR.glob("*.yaml"))}
+    """Every recipe on the search path (launcher.config.assets): a user's folders, then the shipped ones."""
+    return named_yaml_files("recipes")
 
 
 def find_recipe(name: str) -> Path:
@@ -43,6 +43,10 @@ def find_recipe(name: str) -> Path:
         return recipes[name]
     close = difflib.get_close_matches(name, recipes, n=1)
     hint = f" Did you mean recipe={close[0]}?" if close else ""
+    if not recipes:
+        folders = ", ".join(str(p) for p in search_path("recipes"))
+        raise UserError(f"no recipe named '{name}': no recipes found (searched {folders}); "
+                        "reinstall tunefleet or give recipe=path/to/file.yaml")
     raise UserError(f"no recipe named '{name}'.{hint} Available: {', '.join(recipes)} (or recipe=path/to/file.yaml)")
 
 

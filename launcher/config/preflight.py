@@ -96,7 +96,7 @@ def _data_paths(recipe: Recipe) -> list[tuple[str, str]]:
 
 def _data_problem(key: str, value: str) -> str | None:
     """A local data file must exist, be a file of a known type, and be readable (hub names pass)."""
-    from launcher.config.load import PROJECT_ROOT
+    from launcher.config.assets import shipped_root
     from launcher.data.rows import LOCAL_LOADERS, resolve_data_path
 
     key = f"{key}={value}"
@@ -104,7 +104,7 @@ def _data_problem(key: str, value: str) -> str | None:
         local = resolve_data_path(value)
     except UserError as err:
         # resolve_data_path looks for files only: say so when the name is a folder.
-        folder = next((p for p in (Path(value).expanduser(), PROJECT_ROOT / value) if p.is_dir()), None)
+        folder = next((p for p in (Path(value).expanduser(), shipped_root() / value) if p.is_dir()), None)
         if folder is not None:
             return f"{key}: {folder} is a folder, but a data file ({DATA_SUFFIXES}) is expected here"
         return f"{key}: {err}"

@@ -18,15 +18,16 @@ CHAT_ROLES = ("system", "user", "assistant")
 
 
 def resolve_data_path(path: str) -> Path | None:
-    """The local file `path` names (relative to the working directory, then the project), or None for a hub name."""
-    from launcher.config.load import PROJECT_ROOT
+    """The local file `path` names (relative to the working directory, then to the shipped assets, whose
+    recipes name `data/...`), or None for a hub name."""
+    from launcher.config.assets import shipped_root
 
     candidate = Path(path).expanduser()
-    for found in (candidate, PROJECT_ROOT / candidate):
+    for found in (candidate, shipped_root() / candidate):
         if found.is_file():
             return found.resolve()
     if candidate.suffix in LOCAL_LOADERS or path.startswith((".", "/", "~")):
-        places = dict.fromkeys([str(Path.cwd()), str(PROJECT_ROOT)])
+        places = dict.fromkeys([str(Path.cwd()), str(shipped_root())])
         raise UserError(f"data file {path} does not exist (looked in {' and '.join(places)})")
     return None
 

@@ -11,18 +11,19 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from launcher.config.assets import shipped
 from launcher.errors import UserError
-
-DS_CONFIGS_DIR = Path(__file__).resolve().parents[2] / "ds_configs"
 
 
 def find_ds_config(name: str) -> Path:
-    candidates = [Path(name), DS_CONFIGS_DIR / name, DS_CONFIGS_DIR / f"{name}.json"]
+    """A path to a JSON, else a shipped JSON by name (launcher.config.assets)."""
+    folder = shipped("ds_configs")
+    candidates = [Path(name).expanduser(), folder / name, folder / f"{name}.json"]
     for path in candidates:
         if path.is_file():
             return path
-    shipped = ", ".join(sorted(p.stem for p in DS_CONFIGS_DIR.glob("*.json")))
-    raise UserError(f"distributed.config={name}: no such DeepSpeed JSON (shipped: {shipped}; or give a path)")
+    shipped_names = ", ".join(sorted(p.stem for p in folder.glob("*.json")))
+    raise UserError(f"distributed.config={name}: no such DeepSpeed JSON (shipped: {shipped_names}; or give a path)")
 
 
 def read_ds_config(name: str) -> dict:

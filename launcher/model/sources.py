@@ -40,7 +40,9 @@ def local_path_of(name: str) -> Path | None:
     """The local file or folder `name` points to, or None for a hub id. Cheap: no model code."""
     if name.startswith("pkg:"):
         return resolve_package_path(name)
-    path = Path(name).expanduser()
+    from launcher.config.assets import relative_to_shipped
+
+    path = relative_to_shipped(name) or Path(name).expanduser()  # the shipped recipes name data/teachers/...
     looks_local = name.startswith((".", "/", "~")) or name.endswith((".gguf", ".zip")) or path.exists()
     if looks_local and not path.exists():
         raise UserError(f"model.name={name}: no such file or folder")

@@ -60,10 +60,10 @@ def cmd_validate(words: list[str]) -> int:
     name, recipe = load_recipe(words)
     preflight(recipe, name)
     print(yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False), end="")
-    t, d = recipe.train, recipe.distributed
-    print(f"# ok: global batch {t.global_batch_size} = micro batch {t.micro_batch_size} x accumulation "
-          f"{recipe.gradient_accumulation_steps} x world size {d.world_size} "
-          f"({d.num_machines} machine(s) x {d.num_processes} process(es))")
+    b, d = recipe.batch, recipe.distributed
+    print(f"# ok: global batch {b.global_batch} = micro batch {b.micro} x accumulation {b.accumulation} x world size "
+          f"{d.world_size} ({d.num_machines} machine(s) x {d.num_processes} process(es))"
+          + (f"; {b.note}" if b.note else ""))
     return 0
 
 

@@ -77,11 +77,6 @@ def test_method_specific_keys_are_checked_against_the_method():
     assert "peft.r: unknown key" in message and "num_virtual_tokens" in message
 
 
-def test_batch_split_that_does_not_divide():
-    message = error_of("recipe=lora", "train.global_batch_size=10", "train.micro_batch_size=4")
-    assert "train.global_batch_size=10" in message and "global_batch_size=8 or 12" in message
-
-
 def test_batch_split_counts_world_size():
     message = error_of("recipe=lora", "distributed.num_processes=3")
     assert "world size 3" in message

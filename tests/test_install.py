@@ -63,7 +63,7 @@ def test_an_installed_tunefleet_lists_validates_plans_and_renders_from_another_f
     assert plan.returncode == 0 and "compatibility: ok" in plan.stdout, plan.stderr[-2000:]
     assert "/site-packages/launcher/run.py" in plan.stdout  # the launch runs the installed script
 
-    submission = tunefleet(installed, "submit", "recipe=lora", "cluster=example", "train.global_batch_size=32",
+    submission = tunefleet(installed, "submit", "recipe=lora", "cluster=example",
                            "--dry-run")
     assert submission.returncode == 0, submission.stderr[-2000:]
     assert "#SBATCH --gpus-per-node=8" in submission.stdout and "set -- recipe=lora" in submission.stdout
@@ -82,7 +82,7 @@ def test_a_users_own_recipe_and_profile_folders_come_first(installed, tmp_path):
     listed = tunefleet(installed, "recipes", env=env).stdout
     lora = next(line for line in listed.splitlines() if line.split()[0] == "lora")
     assert "my own lora" in lora and str(mine / "recipes" / "lora.yaml") in lora
-    submission = tunefleet(installed, "submit", "recipe=lora", "cluster=site", "train.global_batch_size=16", "--dry-run",
+    submission = tunefleet(installed, "submit", "recipe=lora", "cluster=site", "--dry-run",
                            env=env)
     assert submission.returncode == 0, submission.stderr[-2000:]
     assert "#SBATCH --partition=a100" in submission.stdout and "#SBATCH --gpus-per-node=4" in submission.stdout

@@ -6,6 +6,7 @@ validation, so `tunefleet validate` and every run report all of them at once.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -69,16 +70,55 @@ def resolved_packing(recipe: "Recipe") -> str:
 MERGEABLE = ("lora", "qlora", "dora", "ia3")
 
 
-def batch_split_problem(global_batch: int, micro_batch: int, world_size: int) -> str | None:
-    """Say why `global = micro x accumulation x world` has no integer accumulation, or None."""
-    per_step = micro_batch * world_size
-    if global_batch % per_step == 0:
+@dataclass(frozen=True)
+class BatchSplit:
+    """global = micro x accumulation x world size, as a run at this world size trains.
+
+    The global batch is the optimisation setting (the learning rate was tuned for it), so it is kept as
+    the world size changes: moving a recipe from 1 process to 8 trains the same steps. The micro batch
+    is a memory ceiling, so lowering it is always safe: where `requested_micro` x world size does not
+    divide the global batch, the largest micro batch below it that does is used (`note` says so).
+    `train.global_batch_size=null` asks for the other convention: the micro batch on every process,
+    accumulation 1, a global batch that grows with the world size.
+    """
+
+    global_batch: int
+    micro: int
+    accumulation: int
+    world_size: int
+    requested_micro: int
+
+    @property
+    def note(self) -> str | None:
+        if self.micro == self.requested_micro:
+            return None
+        return (f"micro batch {self.micro} (train.micro_batch_size={self.requested_micro} lowered so that global "
+                f"batch {self.global_batch} splits over {self.world_size} process(es))")
+
+
+def split_batch(global_batch: int | None, micro_batch: int, world_size: int) -> BatchSplit:
+    """How the global batch splits at `world_size`; a world size that does not divide it is left for
+    `batch_split_problem` to refuse (accumulation 0 here)."""
+    if global_batch is None:
+        return BatchSplit(micro_batch * world_size, micro_batch, 1, world_size, micro_batch)
+    if global_batch % world_size:
+        return BatchSplit(global_batch, micro_batch, 0, world_size, micro_batch)
+    per_process = global_batch // world_size
+    micro = max(m for m in range(1, min(micro_batch, per_process) + 1) if per_process % m == 0)
+    return BatchSplit(global_batch, micro, per_process // micro, world_size, micro_batch)
+
+
+def batch_split_problem(global_batch: int | None, micro_batch: int, world_size: int) -> str | None:
+    """Say why the global batch cannot be kept at this world size (every process must take the same
+    whole number of examples per step), with the exact fix; or None."""
+    if global_batch is None or global_batch % world_size == 0:
         return None
-    lower = max(per_step, global_batch // per_step * per_step)
+    up = -(-global_batch // world_size) * world_size
     return (
-        f"train.global_batch_size={global_batch} is not a multiple of train.micro_batch_size={micro_batch} "
-        f"x world size {world_size} = {per_step}, so no whole number of accumulation steps fits; "
-        f"use train.global_batch_size={lower} or {lower + per_step}, or change train.micro_batch_size"
+        f"train.global_batch_size={global_batch} does not split over world size {world_size} (each process must "
+        f"take the same whole number of examples per step): use train.global_batch_size={up} (any multiple of "
+        f"{world_size}), or train.global_batch_size=null to train micro batch {micro_batch} on each process "
+        f"({micro_batch * world_size} examples per step)"
     )
 
 

@@ -9,9 +9,12 @@ This module imports only pydantic so that validation stays fast (no torch on thi
 
 from __future__ import annotations
 
-from typing import Annotated, Literal, Optional, Union
+from typing import TYPE_CHECKING, Annotated, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+if TYPE_CHECKING:
+    from launcher.config.compat import BatchSplit
 
 
 class Section(BaseModel):
@@ -276,9 +279,14 @@ class TrainConfig(Section):
     lr: float = Field(2e-4, gt=0, description="Peak learning rate, reached after warmup.")
     max_steps: Optional[int] = Field(None, ge=1, description="Optimizer steps to run; overrides epochs when set.")
     epochs: float = Field(1.0, gt=0, description="Passes over the training data (when max_steps is unset).")
-    micro_batch_size: int = Field(4, ge=1, description="Examples per forward pass on one process: the memory knob.")
-    global_batch_size: int = Field(
-        16, ge=1, description="Examples per optimizer step over all processes; accumulation is derived from it."
+    micro_batch_size: int = Field(
+        4, ge=1, description="Examples per forward pass on one process, at most: the memory knob. Lowered (said "
+        "once) where global_batch_size over the world size does not split into whole micro batches of this size."
+    )
+    global_batch_size: Optional[int] = Field(
+        16, ge=1, description="Examples per optimizer step over all processes, kept whatever the world size "
+        "(accumulation is derived; a world size that does not divide it is refused with the exact fix). "
+        "null: micro_batch_size x world size, growing with the world size (accumulation 1)."
     )
     optimizer: Literal["adamw", "adamw_8bit"] = Field(
         "adamw", description="adamw: torch AdamW; adamw_8bit: bitsandbytes AdamW with 8-bit state (less memory)."
@@ -411,8 +419,15 @@ class Recipe(Section):
     )
 
     @property
+    def batch(self) -> "BatchSplit":
+        """How the global batch splits at this recipe's world size (launcher.config.compat.split_batch)."""
+        from launcher.config.compat import split_batch
+
+        return split_batch(self.train.global_batch_size, self.train.micro_batch_size, self.distributed.world_size)
+
+    @property
     def gradient_accumulation_steps(self) -> int:
-        return self.train.global_batch_size // (self.train.micro_batch_size * self.distributed.world_size)
+        return self.batch.accumulation
 
     @model_validator(mode="after")
     def _check_combinations(self) -> "Recipe":

@@ -47,11 +47,11 @@ def offloads_optimizer(config: dict) -> bool:
 
 def recipe_values(recipe, accumulation: int, precision: str | None) -> dict:
     """What the recipe decides, under DeepSpeed's key names (precision None: not known yet, not checked)."""
-    t = recipe.train
+    t, b = recipe.train, recipe.batch
     values = {
-        "train_micro_batch_size_per_gpu": t.micro_batch_size,
+        "train_micro_batch_size_per_gpu": b.micro,
         "gradient_accumulation_steps": accumulation,
-        "train_batch_size": t.global_batch_size,
+        "train_batch_size": b.global_batch,
         "gradient_clipping": t.max_grad_norm or 0.0,
     }
     if precision is not None:

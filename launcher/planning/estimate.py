@@ -116,7 +116,7 @@ def estimate(recipe, device) -> tuple[Estimate, dict]:
     # Under FSDP2 and DeepSpeed a 16-bit precision makes the parameters 16-bit (gathered so, or converted);
     # elsewhere accelerate's autocast casts float32 weights per use.
     native = prec.sixteen_bit and setup.backend != "ddp"
-    run = Run(rows=recipe.train.micro_batch_size, seq_len=recipe.data.max_seq_len,
+    run = Run(rows=recipe.batch.micro, seq_len=recipe.data.max_seq_len,
               compute_bytes=2 if prec.sixteen_bit else 4,
               stream_bytes=2 if native else 4 if qlora else DTYPE_BYTES[settings.weight_dtype],
               float32_weights=settings.weight_dtype == "float32" and not native, quantized=bool(qlora), gpu=device.gpu,

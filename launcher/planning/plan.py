@@ -60,7 +60,7 @@ def _candidates(recipe) -> list[tuple[str, list[str]]]:
     found = []
     if not recipe.train.gradient_checkpointing:
         found.append(("gradient checkpointing (~30% slower steps)", ["train.gradient_checkpointing=true"]))
-    micro = recipe.train.micro_batch_size
+    micro = recipe.batch.micro
     while micro > 1:
         micro //= 2
         found.append((f"micro batch {micro} (more accumulation, same global batch)",
@@ -154,18 +154,18 @@ def plan_command(argv: list[str]) -> int:
 
     name, recipe = load(recipe_words)
     result, facts = estimate(recipe, device)
-    t = recipe.train
+    t, b = recipe.train, recipe.batch
     examples = _count_examples(recipe)
-    steps = t.max_steps or (max(1, int(t.epochs * (examples // t.global_batch_size))) if examples else None)
+    steps = t.max_steps or (max(1, int(t.epochs * (examples // b.global_batch))) if examples else None)
     report = {
         "recipe": name, "method": recipe.peft.method, "model_name": recipe.model.name, **facts,
         "device": device.name,
-        "batch": {"world_size": recipe.distributed.world_size, "micro_batch_size": t.micro_batch_size,
-                  "gradient_accumulation_steps": recipe.gradient_accumulation_steps,
-                  "global_batch_size": t.global_batch_size,
-                  "tokens_per_step_at_most": t.global_batch_size * recipe.data.max_seq_len,
+        "batch": {"world_size": recipe.distributed.world_size, "micro_batch_size": b.micro,
+                  "gradient_accumulation_steps": b.accumulation,
+                  "global_batch_size": b.global_batch, "note": b.note,
+                  "tokens_per_step_at_most": b.global_batch * recipe.data.max_seq_len,
                   "training_examples": examples, "steps": steps,
-                  "epochs": round(steps * t.global_batch_size / examples, 3) if steps and examples else None},
+                  "epochs": round(steps * b.global_batch / examples, 3) if steps and examples else None},
         "memory_per_device_gib": {k: round(v / GiB, 3) for k, v in result.device.items()},
         "loading_memory_per_device_gib": {k: round(v / GiB, 3) for k, v in result.loading.items()},
         "training_peak_gib": round(result.training / GiB, 3),
@@ -217,7 +217,8 @@ def _text(r: dict) -> str:
         f"hidden {r['model']['hidden']}, {r['model']['parameters']:,} parameters; {r['trainable_parameters']:,} train)",
         f"batch: global {b['global_batch_size']} = micro {b['micro_batch_size']} x accumulation "
         f"{b['gradient_accumulation_steps']} x world size {b['world_size']}; at most {b['tokens_per_step_at_most']:,} "
-        f"tokens per step; {b['steps'] or '?'} steps ({b['epochs'] or '?'} epochs of {b['training_examples'] or '?'} examples)",
+        f"tokens per step; {b['steps'] or '?'} steps ({b['epochs'] or '?'} epochs of {b['training_examples'] or '?'} examples)"
+        + (f"; {b['note']}" if b["note"] else ""),
         "weights: " + r["weights"],
         *([f"distillation: teacher {d['teacher']} ({d['teacher_layers']} layers, {d['teacher_parameters']:,} parameters "
            f"in {d['teacher_dtype']}, frozen, whole on every device); student {d['student_layers']} layers"]

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from launcher.config.compat import split_batch
 from launcher.config.schema import Recipe
 from launcher.data.batches import BatchPlan, example_lengths
 from launcher.data.packing_check import packing_layout
@@ -246,14 +247,17 @@ def build_run(recipe: Recipe, recipe_name: str, command: list[str]) -> Run:
     if packing_why:
         announce(packing_why, is_main)
 
+    split = split_batch(recipe.train.global_batch_size, recipe.train.micro_batch_size, accelerator.num_processes)
+    if split.note:
+        announce(split.note, is_main)
     plan = BatchPlan(
-        num_examples=len(data.train), global_batch_size=recipe.train.global_batch_size,
-        micro_batch_size=recipe.train.micro_batch_size, world_size=accelerator.num_processes,
+        num_examples=len(data.train), global_batch_size=split.global_batch,
+        micro_batch_size=split.micro, world_size=accelerator.num_processes,
         rank=accelerator.process_index, seed=recipe.train.seed,
         lengths=example_lengths(data.train) if layout == "group_by_length" else None,
     )
     total_steps = recipe.train.max_steps or max(1, int(recipe.train.epochs * plan.steps_per_epoch))
-    announce(f"global batch {recipe.train.global_batch_size} = micro batch {recipe.train.micro_batch_size} x "
+    announce(f"global batch {split.global_batch} = micro batch {split.micro} x "
              f"accumulation {plan.accumulation} x world size {accelerator.num_processes}; "
              f"{len(data.train)} training examples, {total_steps} steps; micro batches "
              f"{LAYOUT_WORDS[layout].format(max_seq_len=recipe.data.max_seq_len)}", is_main)

@@ -49,7 +49,7 @@ def finish_run(run: Run, state: dict, *, elapsed: float, stop_point: Callable[[]
         "padding": 1 - state["tokens_done"] / max(state["slots_done"], 1),
         "mfu": model_flops_utilisation(run.accelerator, state["flops_done"], state["train_seconds"]),
         "trainable_params": run.trainable_params, "total_params": run.total_params,
-        "world_size": run.accelerator.num_processes, "global_batch_size": recipe.train.global_batch_size,
+        "world_size": run.accelerator.num_processes, "global_batch_size": run.plan.global_batch_size,
         "gradient_accumulation_steps": run.plan.accumulation, "peak_memory_mb": peak_memory_mb(),
         "dropped_examples": run.data.dropped,
         "best": ({"metric": metric_key, "value": state["best_value"], "step": state["best_step"]}

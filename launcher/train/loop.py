@@ -86,7 +86,7 @@ def _checkpoint(run: Run, state: dict) -> Path:
     heartbeat.beat("checkpointing")
     from launcher.train.selection import publish_best
 
-    trainer_state = {**state, "world_size": run.accelerator.num_processes,
+    trainer_state = {**state, "world_size": run.accelerator.num_processes, "global_batch": run.plan.global_batch_size,
                      "recipe": run.recipe.model_dump(mode="json"), "backend": run.backend.resume_fingerprint(),
                      "data_key": _data_key(run), "total_steps": run.total_steps}
     with timed(state, "checkpoint_seconds"):

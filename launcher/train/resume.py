@@ -17,6 +17,7 @@ import glob
 from dataclasses import dataclass
 from pathlib import Path
 
+from launcher.config.compat import split_batch
 from launcher.errors import UserError
 from launcher.outputs.run_dir import check_free, render_dir
 from launcher.outputs.status import is_finished
@@ -127,6 +128,11 @@ def check_resumable(checkpoint: Path, recipe, world_size: int, backend, data_key
     if "backend" in state and state["backend"] != backend.resume_fingerprint():
         problems.append(f"the distributed setup changed ({state['backend'].get('backend')} then, {backend.name} now, "
                         "or a different DeepSpeed JSON)")
+    global_batch = split_batch(recipe.train.global_batch_size, recipe.train.micro_batch_size, world_size).global_batch
+    if state.get("global_batch", global_batch) != global_batch:  # train.global_batch_size=null follows the world size
+        problems.append(f"the global batch changed ({state['global_batch']} examples per step then, {global_batch} now: "
+                        f"train.global_batch_size=null at another world size; give train.global_batch_size="
+                        f"{state['global_batch']})")
     if data_key and state.get("data_key") and state["data_key"] != data_key:
         problems.append("the training data changed (its content or how it is tokenized)")
     if problems:

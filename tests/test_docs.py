@@ -197,7 +197,12 @@ def workspace(tiny_llama, tmp_path_factory):
 
 
 def _by_kind(kind: str) -> list[Shown]:
-    return [s for s in documented_commands() if kind_of(s.command) == kind]
+    """Each distinct command once (pages repeat the README's), in the order first shown."""
+    seen: dict[str, Shown] = {}
+    for shown in documented_commands():
+        if kind_of(shown.command) == kind:
+            seen.setdefault(shown.command, shown)
+    return list(seen.values())
 
 
 def _ok(done: subprocess.CompletedProcess, shown: Shown | str) -> None:

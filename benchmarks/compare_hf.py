@@ -500,7 +500,7 @@ def parse_args(argv: list[str] | None = None):
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     from launcher.config.load import load_recipe
-    from launcher.config.preflight import preflight
+    from launcher.preflight import preflight
 
     python = os.path.relpath(sys.executable, ROOT) if sys.executable.startswith(str(ROOT)) else sys.executable
     command = shlex.join([python, "benchmarks/compare_hf.py", *(argv if argv is not None else sys.argv[1:])])

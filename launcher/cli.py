@@ -55,7 +55,7 @@ def cmd_validate(words: list[str]) -> int:
     import yaml
 
     from launcher.config.load import load_recipe
-    from launcher.config.preflight import preflight
+    from launcher.preflight import preflight
 
     name, recipe = load_recipe(words)
     preflight(recipe, name)
@@ -69,7 +69,7 @@ def cmd_validate(words: list[str]) -> int:
 
 def cmd_run(words: list[str]) -> int:
     from launcher.config.load import load_recipe
-    from launcher.config.preflight import preflight
+    from launcher.preflight import preflight
 
     name, recipe = load_recipe(words)
     preflight(recipe, name)

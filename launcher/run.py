@@ -99,7 +99,7 @@ def _main(argv: list[str]) -> int:
 def _prepare_and_train(argv: list[str]) -> int:
     try:
         from launcher.config.load import load_recipe
-        from launcher.config.preflight import preflight
+        from launcher.preflight import preflight
 
         name, recipe = load_recipe(argv + launched_world_overrides())
         preflight(recipe, name)

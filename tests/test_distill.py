@@ -303,7 +303,7 @@ def test_teacher_with_another_tokenizer_is_refused_before_any_model_loads(tiny_l
 
 
 def test_missing_teacher_is_a_preflight_problem(tmp_path):
-    from launcher.config.preflight import preflight
+    from launcher.preflight import preflight
 
     _, recipe = load_recipe(["recipe=lora", f"distill.teacher={tmp_path / 'nowhere'}"])
     with pytest.raises(UserError, match="distill.teacher=.*no such file"):

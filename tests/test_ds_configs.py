@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from launcher.config.load import load_recipe
-from launcher.config.preflight import preflight
+from launcher.preflight import preflight
 from launcher.distributed import deepspeed_config as ds
 from launcher.errors import UserError
 

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from launcher.config.load import load_recipe, read_yaml
-from launcher.config.preflight import preflight
+from launcher.preflight import preflight
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = sorted((ROOT / "recipes").rglob("*.yaml"))

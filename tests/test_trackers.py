@@ -221,7 +221,7 @@ def test_an_unknown_tracker_is_refused_with_the_choices():
 def test_a_tracker_whose_package_is_missing_is_refused_before_anything_loads(monkeypatch, tmp_path):
     import importlib.util
 
-    from launcher.config.preflight import preflight
+    from launcher.preflight import preflight
 
     real_find_spec = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec",

@@ -128,7 +128,7 @@ def _check(words: list[str]):
 
 def _preflight(recipe, name: str, continues: bool) -> None:
     """Paths checked as a fresh run (its folder must be free) or as a continuation (the folder holds it)."""
-    from launcher.config.preflight import preflight
+    from launcher.preflight import preflight
 
     resume = "auto" if continues else "never"
     preflight(recipe.model_copy(update={"train": recipe.train.model_copy(update={"resume": resume})}), name)

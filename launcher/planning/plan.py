@@ -100,7 +100,7 @@ def plan_command(argv: list[str]) -> int:
     from launcher.cluster.profiles import load_profile
     from launcher.cluster.submit import split_submit_words
     from launcher.config.load import load_recipe
-    from launcher.config.preflight import preflight
+    from launcher.preflight import preflight
 
     as_json, device_memory, device_name, words = False, None, None, []
     it = iter(argv)

@@ -1,0 +1,28 @@
+"""The house's seams, checked from the source: what each layer may import."""
+
+import ast
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def launcher_imports(path: Path) -> set[str]:
+    """Every launcher module a file imports, at its top or inside a function."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names = [node.module]
+        elif isinstance(node, ast.Import):
+            names = [alias.name for alias in node.names]
+        else:
+            continue
+        found.update(n for n in names if n == "launcher" or n.startswith("launcher."))
+    return found
+
+
+def test_configuration_is_the_ground_floor():
+    """launcher/config/ (schema, loading, rules, where the shipped assets are) imports nothing of the launcher
+    but itself and its error types: checks that load things live above it (launcher/preflight.py)."""
+    outside = {f"{p.relative_to(ROOT)}: {m}" for p in (ROOT / "launcher" / "config").glob("*.py")
+               for m in launcher_imports(p) if not (m.startswith("launcher.config") or m == "launcher.errors")}
+    assert not outside, sorted(outside)

@@ -86,11 +86,9 @@ def cmd_run(words: list[str]) -> int:
             os.environ.pop("TUNEFLEET_COMMAND")
             if previous is not None:
                 os.environ["TUNEFLEET_COMMAND"] = previous
-    import torch
+    from launcher.launch import accelerate_command, has_usable_gpu
 
-    from launcher.launch import accelerate_command
-
-    argv, extra_env = accelerate_command(recipe, words, has_gpu=torch.cuda.is_available(), environ=os.environ)
+    argv, extra_env = accelerate_command(recipe, words, has_gpu=has_usable_gpu(), environ=os.environ)
     print("[tunefleet] launching: " + shell_command(argv, extra_env), flush=True)
     return run_workers(argv, {**os.environ, **extra_env, **typed})
 
@@ -258,5 +256,12 @@ def main(argv: list[str] | None = None) -> int:
         return 141  # 128 + SIGPIPE, what a shell reports for a writer whose reader left
 
 
+def console() -> None:
+    """The `tunefleet` command (pyproject's console script) and `python -m launcher.cli`."""
+    from launcher.process_exit import exit_with
+
+    exit_with(main())
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    console()

@@ -117,4 +117,6 @@ def _prepare_and_train(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from launcher.process_exit import exit_with
+
+    exit_with(main())

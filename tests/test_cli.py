@@ -211,3 +211,15 @@ def test_progress_in_a_terminal_is_a_tqdm_bar():
     bar = progress_bar(10, "training", enabled=True, stream=Terminal())
     assert isinstance(bar, tqdm) and not isinstance(bar, LineProgress)
     bar.close()
+
+
+def test_an_entry_point_exits_with_its_code_after_its_atexit_handlers_and_flushed_output():
+    """launcher/process_exit.py skips only the interpreter's last cyclic collection (seconds per process)."""
+    script = ("import atexit, sys; atexit.register(lambda: print('atexit ran')); sys.stdout.write('unflushed'); "
+              "from launcher.process_exit import exit_with; exit_with(3)")
+    done = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True)
+    assert done.returncode == 3 and done.stdout == "unflushedatexit ran\n", done
+    import tomllib
+
+    scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
+    assert scripts["tunefleet"] == "launcher.cli:console"

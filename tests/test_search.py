@@ -97,8 +97,10 @@ def _manifest(folder: Path) -> dict:
 def test_a_search_prunes_survives_its_driver_dying_and_reports_the_best(tiny_llama, tmp_path, capsys):
     # Enqueued trials make the order certain: a learning rate that learns, then one that cannot (1e-7);
     # after two complete trials the median pruner must stop the next hopeless one at its first evaluation.
+    # 16 steps leave the pruned trial 14 steps (seconds) to be stopped in: with 6, a loaded machine's
+    # driver once polled after the pruned run had already finished its last 4 (one failure in the suite).
     path = write(tmp_path, f"""
-base: [recipe=lora, train.max_steps=6, eval.every_steps=2, train.checkpoint_every=2, data.max_samples=200,
+base: [recipe=lora, train.max_steps=16, eval.every_steps=2, train.checkpoint_every=2, data.max_samples=200,
        data.max_eval_samples=16, "eval.sample_prompts=[]"]
 trials: 4
 parallel: 2

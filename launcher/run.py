@@ -103,6 +103,12 @@ def _prepare_and_train(argv: list[str]) -> int:
 
         name, recipe = load_recipe(argv + launched_world_overrides())
         preflight(recipe, name)
+        from launcher.outputs.console import import_quietly, quiet_libraries
+
+        verbosity = recipe.output.verbosity
+        quiet_libraries(verbosity, main_process=os.environ.get("RANK", "0") == "0")
+        noisy = ["transformers", "peft", *(["deepspeed"] if recipe.distributed.backend == "deepspeed" else [])]
+        import_quietly(*noisy, verbosity=verbosity)  # (peft brings bitsandbytes)
         from launcher.train.loop import run_training
 
         typed = os.environ.get("TUNEFLEET_COMMAND")  # set by `tunefleet run`

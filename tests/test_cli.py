@@ -223,3 +223,25 @@ def test_an_entry_point_exits_with_its_code_after_its_atexit_handlers_and_flushe
 
     scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
     assert scripts["tunefleet"] == "launcher.cli:console"
+
+
+@pytest.mark.parametrize("verbosity, main_process, shown", [
+    ("normal", True, ["library UserWarning", "our FutureWarning"]),
+    ("normal", False, ["our FutureWarning"]),
+    ("debug", False, ["library FutureWarning", "library UserWarning", "our FutureWarning"]),
+])
+def test_library_warnings_are_shown_once_and_only_when_they_are_the_users(verbosity, main_process, shown):
+    """launcher/outputs/console.py: a library's deprecation is never the user's; another rank's library
+    warnings repeat the main rank's; tunefleet's own warnings always show; debug shows everything."""
+    script = f"""
+import warnings
+from launcher.outputs.console import quiet_libraries
+quiet_libraries({verbosity!r}, main_process={main_process})
+warnings.warn_explicit("library FutureWarning", FutureWarning, "x.py", 1, module="torch.distributed.c10d_logger")
+warnings.warn_explicit("library UserWarning", UserWarning, "y.py", 2, module="transformers.modeling_utils")
+warnings.warn_explicit("our FutureWarning", FutureWarning, "z.py", 3, module="launcher.train.loop")
+"""
+    done = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    said = [m for m in ("library FutureWarning", "library UserWarning", "our FutureWarning") if m in done.stderr]
+    assert said == shown, done.stderr

@@ -20,6 +20,15 @@ FSDP = ["distributed.backend=fsdp"]
 HANG_SECONDS = 240
 
 
+def assert_a_quiet_log(text: str) -> None:
+    """output.verbosity=normal (launcher/outputs/console.py): before it, a 3-step ZeRO-3 run at world size 2
+    wrote 75 lines, 23 of them torch.distributed FutureWarnings, and import notices from every process."""
+    for noise in ("FutureWarning", "DeprecationWarning", "gemm_4bit_forward", "Setting accelerator to CPU"):
+        assert noise not in text, f"{noise} in the log:\n{text[-3000:]}"
+    ours = [line for line in text.splitlines() if line.startswith("[tunefleet]")]
+    assert ours and len(ours) == len(set(ours)), "a tunefleet line said by more than one rank"
+
+
 def outcome(run_dir):
     metrics = json.loads((run_dir / "metrics.json").read_text())
     return metrics, read_jsonl(run_dir / "samples.jsonl")
@@ -34,6 +43,7 @@ def outcome(run_dir):
 def test_gathered_once_gives_the_answers_and_losses_of_gathering_block_by_block(method, words, tiny_llama, tmp_path):
     gathered = launch(tmp_path / "gathered", method, tiny_llama, *SAMPLES, *words, timeout=HANG_SECONDS)
     assert "gathered once for evaluation and samples" in gathered.stdout
+    assert_a_quiet_log(gathered.stdout + gathered.stderr)
     blockwise = launch(tmp_path / "blockwise", method, tiny_llama, *SAMPLES, *words, "eval.gather_weights_gib=0",
                        timeout=HANG_SECONDS)
     assert "gathered once" not in blockwise.stdout

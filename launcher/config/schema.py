@@ -366,6 +366,11 @@ class OutputConfig(Section):
     project: str = Field("tunefleet", min_length=1,
                          description="MLflow experiment and W&B project the run is logged under.")
     run_name: Optional[str] = Field(None, description="The run's name in MLflow and W&B; null: the run folder's name.")
+    verbosity: Literal["normal", "debug"] = Field(
+        "normal", description="normal: tunefleet's lines and real problems, once (libraries' deprecation warnings "
+        "and import-time notices hidden, other ranks' library warnings hidden); debug: every library line from "
+        "every rank (launcher/outputs/console.py).",
+    )
 
 
 # ---------------------------------------------------------------------------- distill

@@ -40,6 +40,7 @@ MAY_CHANGE_ON_RESUME = (
     "eval.gather_weights_gib",
     "output.dir", "output.merge",
     "output.trackers", "output.project", "output.run_name",  # where metrics are sent, not what they are
+    "output.verbosity",
 )
 
 

@@ -234,8 +234,9 @@ def test_best_is_published_with_the_checkpoint_that_records_it(tiny_llama, tmp_p
     (run_dir / "best.pending" / "tunefleet_artifact.json").write_text('{"step": 3}')
     (run_dir / "best" / "tunefleet_artifact.json").write_text(json.dumps({"step": 5}))  # from a later attempt
     from launcher.train.selection import reconcile_best
+    from launcher.train.state import TrainState
 
-    note = reconcile_best(run_dir, {"best_step": recorded})
+    note = reconcile_best(run_dir, TrainState(best_step=recorded))
     assert note and "runs again" in note
     assert not (run_dir / "best").exists() and not (run_dir / "best.pending").exists()
     run_in_process("lora", tiny_llama, run_dir, *EXACT, "eval.every_steps=1", "train.lr=1e-2", "train.resume=auto")

@@ -124,6 +124,18 @@ def test_epochs_set_the_step_count(tiny_llama, tmp_path):
     assert result["steps"] == 2 * (24 // 8)
 
 
+def test_plan_and_run_agree_on_the_steps_of_an_epochs_recipe(tiny_llama, tmp_path, capsys):
+    """Both ask launcher.config.compat.total_steps: 1.5 epochs of 40 examples in global batches of 8."""
+    from launcher.planning.plan import plan_command
+
+    words = ["train.max_steps=null", "train.epochs=1.5", "data.max_samples=40", "eval.every_steps=null"]
+    assert plan_command(["recipe=lora", f"model.name={tiny_llama}", *words, "--json"]) == 0
+    planned = json.loads(capsys.readouterr().out)["batch"]
+    run, result = run_in_process("lora", tiny_llama, tmp_path / "run", *words)
+    assert result["dropped_examples"] == 0 and planned["training_examples"] == len(run.data.train) == 40
+    assert planned["steps"] == run.total_steps == result["steps"] == int(1.5 * (40 // 8))
+
+
 def test_layer_wise_lr_decay_and_weight_decay_groups(tiny_llama):
     from launcher.train.build import load_model
     from launcher.train.optim import parameter_groups

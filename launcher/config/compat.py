@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from launcher.config.schema import Recipe
+    from launcher.config.schema import Recipe, TrainConfig
 
 # Methods that make sense for each task. Kept as one table so the docs can show it.
 METHODS_BY_TASK = {
@@ -106,6 +106,15 @@ def split_batch(global_batch: int | None, micro_batch: int, world_size: int) -> 
     per_process = global_batch // world_size
     micro = max(m for m in range(1, min(micro_batch, per_process) + 1) if per_process % m == 0)
     return BatchSplit(global_batch, micro, per_process // micro, world_size, micro_batch)
+
+
+def total_steps(train: TrainConfig, num_examples: int, global_batch: int) -> int:
+    """Optimizer steps a run takes: train.max_steps, else train.epochs passes of whole global batches
+    (each epoch drops its ragged tail, launcher.data.batches), at least one. `tunefleet plan` and the
+    run both ask this, so the plan's step count is the run's."""
+    if train.max_steps:
+        return train.max_steps
+    return max(1, int(train.epochs * (num_examples // global_batch)))
 
 
 def batch_split_problem(global_batch: int | None, micro_batch: int, world_size: int) -> str | None:

@@ -19,6 +19,7 @@ import shlex
 import shutil
 from pathlib import Path
 
+from launcher.config.compat import total_steps
 from launcher.errors import UserError
 from launcher.planning.estimate import device_profile, estimate
 
@@ -156,7 +157,7 @@ def plan_command(argv: list[str]) -> int:
     result, facts = estimate(recipe, device)
     t, b = recipe.train, recipe.batch
     examples = _count_examples(recipe)
-    steps = t.max_steps or (max(1, int(t.epochs * (examples // b.global_batch))) if examples else None)
+    steps = total_steps(t, examples, b.global_batch) if t.max_steps or examples else None  # None: examples unknown
     report = {
         "recipe": name, "method": recipe.peft.method, "model_name": recipe.model.name, **facts,
         "device": device.name,

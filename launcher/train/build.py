@@ -1,10 +1,16 @@
 """Everything a run needs before its first step, built in an order that cannot deadlock.
 
-1. Model conversion and tokenization run first, before any process group exists: the first
-   process on each machine does them, the others wait on a file lock (launcher.cache).
-2. The process group is created with the recipe's timeout (gloo on CPU, nccl on GPU).
-3. The model is loaded, the method applied, and optimizer and schedule derived from the recipe.
-4. The main process picks the run folder and shares its name; only then is anything written.
+`build_run` strings the stages together, each returning what the next needs:
+1. `_prepare_inputs`: model conversion and tokenization run first, before any process group
+   exists: the first process on each machine does them, the others wait on a file lock
+   (launcher.cache).
+2. `_resolve_setup`: device settings, micro batch layout and backend, decided alike on every rank.
+3. `_start_processes`: the process group, with the recipe's timeout (gloo on CPU, nccl on GPU).
+4. `_claim_run_dir`: the main process picks the run folder and shares its name; only then is
+   anything written. A checkpoint to continue is checked here, before the model loads.
+5. `_load_model_and_method`, `_plan_batches`, `_prepare_training`: the model loaded and the method
+   applied; the batch plan and step count; the backend's wrapping, the optimizer and schedule.
+6. `_load_teacher` when the recipe distills; RUN/distributed.json records what was set up.
 """
 
 from __future__ import annotations
@@ -19,7 +25,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from launcher.config.compat import split_batch
+from launcher.config.compat import split_batch, total_steps
 from launcher.config.schema import Recipe
 from launcher.data.batches import BatchPlan, example_lengths
 from launcher.data.packing_check import packing_layout
@@ -33,7 +39,7 @@ from launcher.model.attention import fit_to_model
 from launcher.model.lean_load import build_on_meta
 from launcher.model.sources import materialize
 from launcher.outputs.run_dir import write_json, write_resolved_recipe
-from launcher.train.optim import build_optimizer, build_scheduler, describe_optimizer
+from launcher.train.optim import OptimizerMaker, build_scheduler
 from launcher.train.resume import check_resumable, choose_run_dir
 
 if TYPE_CHECKING:
@@ -178,9 +184,36 @@ def announce(message: str, is_main: bool) -> None:
 
 
 def build_run(recipe: Recipe, recipe_name: str, command: list[str]) -> Run:
-    from accelerate import Accelerator
-    from accelerate.utils import InitProcessGroupKwargs
+    inputs = _prepare_inputs(recipe)
+    setup = _resolve_setup(recipe, inputs)
+    accelerator = _start_processes(recipe, setup)
+    # Before the model loads: a requeued job whose run already finished costs seconds, not a model load.
+    folder = _claim_run_dir(accelerator, recipe, recipe_name, command, setup.backend, inputs.data)
+    model, trainable, total = _load_model_and_method(recipe, inputs, setup, accelerator)
+    plan, steps = _plan_batches(recipe, inputs.data, setup, accelerator)
+    prepared = _prepare_training(recipe, setup, accelerator, model, steps)
+    teacher = _load_teacher(recipe, inputs, setup, accelerator)
+    if accelerator.is_main_process:
+        _write_distributed_json(folder.run_dir, recipe, setup, accelerator, plan, prepared.optimizer_description)
+    return Run(recipe=recipe, accelerator=accelerator, model=prepared.model, tokenizer=inputs.tokenizer,
+               optimizer=prepared.optimizer, scheduler=prepared.scheduler, data=inputs.data, plan=plan,
+               total_steps=steps, run_dir=folder.run_dir, trainable_params=trainable, total_params=total,
+               backend=setup.backend, resume_from=folder.resume_from, resumed_state=folder.resumed_state,
+               teacher=teacher, layout=setup.layout)
 
+
+@dataclass
+class Inputs:
+    """What the run trains: the model's files, tokenizer and tokenized data, and the distillation plan."""
+
+    model_path: str  # the student's, when the recipe distills
+    tokenizer: object
+    data: PreparedData
+    distill_plan: object | None = None  # launcher.train.distill's plan when the recipe distills
+
+
+def _prepare_inputs(recipe: Recipe) -> Inputs:
+    """Model conversion and tokenization, before any process group exists (launcher.cache serialises them)."""
     local_main = int(os.environ.get("LOCAL_RANK", "0")) == 0
     if not sys.stderr.isatty():
         quiet_library_progress_bars()  # their carriage-return frames turn log files into walls of fragments
@@ -195,16 +228,38 @@ def build_run(recipe: Recipe, recipe_name: str, command: list[str]) -> Run:
     data = prepare_data(recipe, tokenizer, quiet=not local_main)
     if distill_plan:
         distill.check_teacher_labels(distill_plan, data.label_names)
+    return Inputs(model_path, tokenizer, data, distill_plan)
+
+
+@dataclass
+class Setup:
+    """How this machine runs the recipe: device settings, micro batch layout and distributed backend."""
+
+    settings: object  # launcher.distributed.device_settings, fitted to the model
+    layout: str  # data.packing resolved for this model
+    packing_why: str | None  # why the layout fell back, said once the model is announced
+    backend: Backend
+    teaching: bool  # a teacher's logits join the loss (distill.alpha > 0)
+
+
+def _resolve_setup(recipe: Recipe, inputs: Inputs) -> Setup:
+    settings = fit_to_model(device_settings_of(recipe), recipe, inputs.model_path)
+    apply_process_settings(settings)
+    teaching = bool(recipe.distill and recipe.distill.alpha > 0)  # alpha=0: labels alone, no teacher
+    # Before the process group and the model: a refusal costs seconds. Every rank decides alike (seeded, CPU).
+    teacher_path = inputs.distill_plan.teacher_path if teaching else None
+    layout, packing_why = packing_layout(recipe, inputs.model_path, settings.attn_implementation, teacher_path)
+    backend = make_backend(recipe, recipe.gradient_accumulation_steps, settings.precision, settings)
+    backend.prepare_environment()
+    return Setup(settings, layout, packing_why, backend, teaching)
+
+
+def _start_processes(recipe: Recipe, setup: Setup) -> accelerate.Accelerator:
+    """The process group (with the recipe's timeout) and accelerate's view of it, checked against the recipe."""
+    from accelerate import Accelerator
+    from accelerate.utils import InitProcessGroupKwargs
 
     use_cpu = not torch.cuda.is_available()
-    settings = fit_to_model(device_settings_of(recipe), recipe, model_path)
-    apply_process_settings(settings)
-    precision = settings.precision
-    # Before the process group and the model: a refusal costs seconds. Every rank decides alike (seeded, CPU).
-    teacher_path = distill_plan.teacher_path if distill_plan and recipe.distill.alpha > 0 else None
-    layout, packing_why = packing_layout(recipe, model_path, settings.attn_implementation, teacher_path)
-    backend = make_backend(recipe, recipe.gradient_accumulation_steps, precision, settings)
-    backend.prepare_environment()
     handlers = []
     if "WORLD_SIZE" in os.environ:
         # gloo must be named on CPU: without it accelerate picks a backend DeepSpeed and FSDP reject.
@@ -212,90 +267,128 @@ def build_run(recipe: Recipe, recipe_name: str, command: list[str]) -> Run:
             backend="gloo" if use_cpu else "nccl", timeout=timedelta(minutes=recipe.distributed.timeout_minutes)
         ))
     # No gradient_accumulation_steps for accelerate: the loop decides when gradients synchronise.
-    accelerator = Accelerator(**{"cpu": use_cpu, "mixed_precision": precision, "kwargs_handlers": handlers,
-                                 **backend.accelerator_kwargs()})
-    backend.check_accelerator(accelerator)
+    accelerator = Accelerator(**{"cpu": use_cpu, "mixed_precision": setup.settings.precision,
+                                 "kwargs_handlers": handlers, **setup.backend.accelerator_kwargs()})
+    setup.backend.check_accelerator(accelerator)
     if accelerator.num_processes != recipe.distributed.world_size:
         raise UserError(
             f"this run has {accelerator.num_processes} processes but the recipe says "
             f"distributed.num_processes x num_machines = {recipe.distributed.world_size}; "
             "launch with `tunefleet run`, or pass matching distributed.* keys"
         )
-    is_main = accelerator.is_main_process
-    # Before the model loads: a requeued job whose run already finished costs seconds, not a model load.
+    return accelerator
+
+
+@dataclass
+class RunFolder:
+    run_dir: Path
+    resume_from: Path | None  # the checkpoint train.resume resolved to
+    resumed_state: dict | None  # its trainer_state.json, checked against this run
+
+
+def _claim_run_dir(accelerator, recipe: Recipe, recipe_name: str, command: list[str], backend: Backend,
+                   data: PreparedData) -> RunFolder:
+    """The run folder and the checkpoint to continue, refused if it may not be; RunAlreadyFinished if done."""
     run_dir, resume_from, finished = _make_run_dir(accelerator, recipe, recipe_name, command)
     if finished:
         raise RunAlreadyFinished(run_dir)
     resumed_state = None
     if resume_from is not None:  # refused here, before the model loads, if it may not be continued
         resumed_state = check_resumable(resume_from, recipe, accelerator.num_processes, backend, data.cache_key)
+    return RunFolder(run_dir, resume_from, resumed_state)
 
-    # The backend decides which ranks read the weights; the others build on the meta device.
-    model = backend.build_model(accelerator, partial(build_model, model_path, recipe, data.label_names,
-                                                     tokenizer.pad_token_id, accelerator.device, settings=settings))
+
+def _load_model_and_method(recipe: Recipe, inputs: Inputs, setup: Setup,
+                           accelerator) -> tuple[torch.nn.Module, int, int]:
+    """The model with the method applied (not yet wrapped by the backend); its trainable and total parameters."""
     from launcher.train.chunked_loss import prepare_chunked_loss
 
-    teaching = bool(recipe.distill and recipe.distill.alpha > 0)  # alpha=0: labels alone, no teacher
+    is_main = accelerator.is_main_process
+    # The backend decides which ranks read the weights; the others build on the meta device.
+    model = setup.backend.build_model(accelerator, partial(
+        build_model, inputs.model_path, recipe, inputs.data.label_names, inputs.tokenizer.pad_token_id,
+        accelerator.device, settings=setup.settings))
     unchunked = prepare_chunked_loss(model, recipe)  # before the backend wraps the model
     if recipe.model.task == "causal_lm":
-        what = "distillation loss (cross-entropy and KL)" if teaching else "cross-entropy"
+        what = "distillation loss (cross-entropy and KL)" if setup.teaching else "cross-entropy"
         announce(f"loss: {what} in chunks of tokens (no full logits)" if unchunked is None
                  else f"loss: {what} over full logits ({unchunked})", is_main)
     trainable, total = parameter_counts(model)
     announce(f"method {recipe.peft.method}: {trainable:,} trainable of {total:,} parameters "
              f"({100 * trainable / total:.4f}%)", is_main)
-    if packing_why:
-        announce(packing_why, is_main)
+    return model, trainable, total
 
-    split = split_batch(recipe.train.global_batch_size, recipe.train.micro_batch_size, accelerator.num_processes)
+
+def _plan_batches(recipe: Recipe, data: PreparedData, setup: Setup, accelerator) -> tuple[BatchPlan, int]:
+    """Which examples each rank takes at each step, and how many steps the run takes."""
+    is_main, world_size = accelerator.is_main_process, accelerator.num_processes
+    if setup.packing_why:
+        announce(setup.packing_why, is_main)
+    split = split_batch(recipe.train.global_batch_size, recipe.train.micro_batch_size, world_size)
     if split.note:
         announce(split.note, is_main)
     plan = BatchPlan(
-        num_examples=len(data.train), global_batch_size=split.global_batch,
-        micro_batch_size=split.micro, world_size=accelerator.num_processes,
-        rank=accelerator.process_index, seed=recipe.train.seed,
-        lengths=example_lengths(data.train) if layout == "group_by_length" else None,
+        num_examples=len(data.train), global_batch_size=split.global_batch, micro_batch_size=split.micro,
+        world_size=world_size, rank=accelerator.process_index, seed=recipe.train.seed,
+        lengths=example_lengths(data.train) if setup.layout == "group_by_length" else None,
     )
-    total_steps = recipe.train.max_steps or max(1, int(recipe.train.epochs * plan.steps_per_epoch))
+    steps = total_steps(recipe.train, plan.num_examples, plan.global_batch_size)
     announce(f"global batch {split.global_batch} = micro batch {split.micro} x "
-             f"accumulation {plan.accumulation} x world size {accelerator.num_processes}; "
-             f"{len(data.train)} training examples, {total_steps} steps; micro batches "
-             f"{LAYOUT_WORDS[layout].format(max_seq_len=recipe.data.max_seq_len)}", is_main)
+             f"accumulation {plan.accumulation} x world size {world_size}; "
+             f"{len(data.train)} training examples, {steps} steps; micro batches "
+             f"{LAYOUT_WORDS[setup.layout].format(max_seq_len=recipe.data.max_seq_len)}", is_main)
+    return plan, steps
 
-    made = []  # the raw optimizer: the schedule drives its param groups under every wrapper
 
-    def make_optimizer(prepared_model, optimizer_class=None):
-        made.append(build_optimizer(prepared_model, recipe.train, optimizer_class, fused=settings.fused_adamw))
-        made.append(describe_optimizer(made[0]))  # before ZeRO swaps its groups for flat partitions
-        return made[0]
+@dataclass
+class Prepared:
+    """The model and optimizer as the backend wrapped them, and the schedule."""
 
-    model, optimizer = backend.prepare(accelerator, model, make_optimizer)
-    scheduler = build_scheduler(made[0], recipe.train, total_steps)
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: object
+    optimizer_description: dict  # of the raw optimizer, for distributed.json
+
+
+def _prepare_training(recipe: Recipe, setup: Setup, accelerator, model: torch.nn.Module, steps: int) -> Prepared:
+    """The backend wraps or shards the model and builds the optimizer; the schedule drives the raw one."""
+    make_optimizer = OptimizerMaker(recipe.train, fused=setup.settings.fused_adamw)
+    model, optimizer = setup.backend.prepare(accelerator, model, make_optimizer)
+    scheduler = build_scheduler(make_optimizer.raw, recipe.train, steps)
     accelerator.register_for_checkpointing(scheduler)
-    announce(f"backend: {backend.name}", is_main)
-    teacher = None
-    if teaching:
-        teacher = distill.load_teacher(distill_plan, recipe, data.label_names, accelerator.device, precision)
-        announce(distill.describe(distill_plan, teacher, recipe), is_main)
-    elif distill_plan:  # the student is still cut as asked: the baseline a distilled run is compared with
-        announce(f"distillation off (distill.alpha=0): {distill.describe_student(distill_plan)} trains on the labels "
-                 "alone; no teacher is loaded", is_main)
+    announce(f"backend: {setup.backend.name}", accelerator.is_main_process)
+    return Prepared(model, optimizer, scheduler, make_optimizer.description)
 
-    if is_main:
-        write_json(run_dir / "distributed.json", {
-            "world_size": accelerator.num_processes, "num_machines": recipe.distributed.num_machines,
-            "gradient_accumulation_steps": plan.accumulation, "mixed_precision": precision,
-            "accelerate": {"distributed_type": accelerator.distributed_type.value, "device": str(accelerator.device),
-                           "collective_timeout_minutes": recipe.distributed.timeout_minutes},
-            "optimizer": made[1],
-            "device_settings": settings.as_json(),
-            "packing": {"layout": layout, "fallback": packing_why},
-            **backend.resolved_config(accelerator),
-        })
-    return Run(recipe=recipe, accelerator=accelerator, model=model, tokenizer=tokenizer, optimizer=optimizer,
-               scheduler=scheduler, data=data, plan=plan, total_steps=total_steps, run_dir=run_dir,
-               trainable_params=trainable, total_params=total, backend=backend, resume_from=resume_from,
-               resumed_state=resumed_state, teacher=teacher, layout=layout)
+
+def _load_teacher(recipe: Recipe, inputs: Inputs, setup: Setup, accelerator):
+    """The teacher (launcher.train.distill.Teacher) when the recipe distills with distill.alpha > 0, else None."""
+    if not inputs.distill_plan:
+        return None
+    from launcher.train import distill
+
+    if not setup.teaching:  # the student is still cut as asked: the baseline a distilled run is compared with
+        announce(f"distillation off (distill.alpha=0): {distill.describe_student(inputs.distill_plan)} trains on the "
+                 "labels alone; no teacher is loaded", accelerator.is_main_process)
+        return None
+    teacher = distill.load_teacher(inputs.distill_plan, recipe, inputs.data.label_names, accelerator.device,
+                                   setup.settings.precision)
+    announce(distill.describe(inputs.distill_plan, teacher, recipe), accelerator.is_main_process)
+    return teacher
+
+
+def _write_distributed_json(run_dir: Path, recipe: Recipe, setup: Setup, accelerator, plan: BatchPlan,
+                            optimizer_description: dict) -> None:
+    """Main process: RUN/distributed.json, how this run is really spread and set up."""
+    write_json(run_dir / "distributed.json", {
+        "world_size": accelerator.num_processes, "num_machines": recipe.distributed.num_machines,
+        "gradient_accumulation_steps": plan.accumulation, "mixed_precision": setup.settings.precision,
+        "accelerate": {"distributed_type": accelerator.distributed_type.value, "device": str(accelerator.device),
+                       "collective_timeout_minutes": recipe.distributed.timeout_minutes},
+        "optimizer": optimizer_description,
+        "device_settings": setup.settings.as_json(),
+        "packing": {"layout": setup.layout, "fallback": setup.packing_why},
+        **setup.backend.resolved_config(accelerator),
+    })
 
 
 LAYOUT_WORDS = {

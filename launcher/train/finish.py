@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import time
 from typing import TYPE_CHECKING, Callable
 
 from launcher.outputs.run_dir import write_json
@@ -15,9 +14,10 @@ from launcher.train.throughput import model_flops_utilisation
 
 if TYPE_CHECKING:
     from launcher.train.build import Run
+    from launcher.train.state import TrainState
 
 
-def finish_run(run: Run, state: dict, *, elapsed: float, stop_point: Callable[[], None] = lambda: None) -> dict:
+def finish_run(run: Run, state: TrainState, *, elapsed: float, stop_point: Callable[[], None] = lambda: None) -> dict:
     """Write everything a finished run leaves behind; return (and on the main process write) metrics.json.
 
     `stop_point` is called (on every rank) between the parts: on a stop signal it raises Preempted
@@ -26,17 +26,16 @@ def finish_run(run: Run, state: dict, *, elapsed: float, stop_point: Callable[[]
     """
     recipe = run.recipe
     publish_best(run, state)
-    final_state = save_run_artifact(run, "final", {"step": state["step"]})
+    final_state = save_run_artifact(run, "final", {"step": state.step})
     stop_point()
-    summary = {"eval_start": state["eval_start"], "eval_final": state["eval_final"],
-               "stopped_early": state["stopped_early"]}
+    summary = {"eval_start": state.eval_start, "eval_final": state.eval_final, "stopped_early": state.stopped_early}
     if summary["eval_final"]:
         announce(f"eval after training: {format_metrics(summary['eval_final'])}", run.is_main)
     if summary["eval_start"] and summary["eval_final"]:
         announce(f"eval_loss before -> after: {summary['eval_start']['eval_loss']:.4f} -> "
                  f"{summary['eval_final']['eval_loss']:.4f}", run.is_main)
     samples = _write_samples(run, state)
-    write_rank_summary(run, state["step"], final_state)
+    write_rank_summary(run, state.step, final_state)
     stop_point()
     if recipe.output.merge and run.is_main:
         from launcher.outputs.artifacts import merge_run
@@ -44,37 +43,36 @@ def finish_run(run: Run, state: dict, *, elapsed: float, stop_point: Callable[[]
         announce(f"merged model written to {merge_run(run.run_dir)}", True)
     metric_key = eval_key(recipe.eval.metric)
     result = {
-        "method": recipe.peft.method, "task": recipe.model.task, "steps": state["step"],
-        "train_loss": state["train_loss"], "runtime_s": elapsed, "tokens_per_s": state["tokens_done"] / max(state["train_seconds"], 1e-9),
-        "padding": 1 - state["tokens_done"] / max(state["slots_done"], 1),
-        "mfu": model_flops_utilisation(run.accelerator, state["flops_done"], state["train_seconds"]),
+        "method": recipe.peft.method, "task": recipe.model.task, "steps": state.step,
+        "train_loss": state.train_loss, "runtime_s": elapsed,
+        "tokens_per_s": state.tokens_done / max(state.train_seconds, 1e-9),
+        "padding": 1 - state.tokens_done / max(state.slots_done, 1),
+        "mfu": model_flops_utilisation(run.accelerator, state.flops_done, state.train_seconds),
         "trainable_params": run.trainable_params, "total_params": run.total_params,
         "world_size": run.accelerator.num_processes, "global_batch_size": run.plan.global_batch_size,
         "gradient_accumulation_steps": run.plan.accumulation, "peak_memory_mb": peak_memory_mb(),
         "dropped_examples": run.data.dropped,
-        "best": ({"metric": metric_key, "value": state["best_value"], "step": state["best_step"]}
-                 if state["best_step"] else None),
+        "best": ({"metric": metric_key, "value": state.best_value, "step": state.best_step}
+                 if state.best_step else None),
         **summary, "samples": samples,
         # Where the run's time went, per part (evaluation and samples include gathering sharded weights).
-        "seconds": {"training": state["train_seconds"], "evaluation": state.get("eval_seconds", 0.0),
-                    "samples": state.get("samples_seconds", 0.0),
-                    "checkpoints": state.get("checkpoint_seconds", 0.0), "total": elapsed},
+        "seconds": {"training": state.train_seconds, "evaluation": state.eval_time.seconds,
+                    "samples": state.samples_time.seconds, "checkpoints": state.checkpoint_time.seconds,
+                    "total": elapsed},
     }
     seconds = result["seconds"]
     announce(f"time: training {seconds['training']:.1f}s, evaluation {seconds['evaluation']:.1f}s, sample answers "
              f"{seconds['samples']:.1f}s, checkpoints {seconds['checkpoints']:.1f}s of {elapsed:.1f}s", run.is_main)
     if run.is_main:
         write_json(run.run_dir / "metrics.json", result)
-        write_status(run.run_dir, FINISHED, step=state["step"], total_steps=run.total_steps)
+        write_status(run.run_dir, FINISHED, step=state.step, total_steps=run.total_steps)
     return result
 
 
-def _write_samples(run: Run, state: dict) -> list[dict]:
-    started = time.perf_counter()
-    samples = generate_samples(run)
-    state["samples_seconds"] = state.get("samples_seconds", 0.0) + time.perf_counter() - started
-    samples_before = state["samples_before"]
-    for sample, before in zip(samples, samples_before):
+def _write_samples(run: Run, state: TrainState) -> list[dict]:
+    with state.samples_time.timing():
+        samples = generate_samples(run)
+    for sample, before in zip(samples, state.samples_before):
         sample["before_training"] = before["answer"]
     if run.is_main and samples:
         with (run.run_dir / "samples.jsonl").open("w") as f:

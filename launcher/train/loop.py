@@ -9,7 +9,6 @@ RUN/status.json (running, interrupted, finished, failed).
 
 from __future__ import annotations
 
-import contextlib
 import gc
 import time
 from pathlib import Path
@@ -30,49 +29,28 @@ from launcher.train.preemption import (PREEMPTED_EXIT_CODE, Preempted, StopFlag,
                                        training_started)
 from launcher.train.report import generate_samples
 from launcher.train.selection import evaluate_and_select, reconcile_best, run_evaluation
+from launcher.train.state import TrainState
 from launcher.train.step import train_step
 from launcher.train.throughput import FlopsModel, model_flops_utilisation
 
 
-def fresh_state() -> dict:
-    """What the loop carries from step to step (and a checkpoint stores)."""
-    return {"step": 0, "train_loss": float("nan"), "best_value": None, "best_step": None, "evals_without_gain": 0,
-            "stopped_early": False, "samples_before": [],  # answers before training, kept for a resumed run
-            "eval_start": None, "eval_final": None, "tokens_done": 0, "elapsed": 0.0,
-            # Throughput over training steps only (evaluation excluded), data waits included.
-            "slots_done": 0, "flops_done": 0.0, "train_seconds": 0.0,
-            # Where the rest of the time goes (metrics.json "seconds"): under sharded backends evaluation
-            # and sample answers can cost more than training itself.
-            "eval_seconds": 0.0, "samples_seconds": 0.0, "checkpoint_seconds": 0.0}
-
-
-@contextlib.contextmanager
-def timed(state: dict, key: str):
-    """Add the seconds spent inside to state[key]."""
-    started = time.perf_counter()
-    try:
-        yield
-    finally:
-        state[key] = state.get(key, 0.0) + time.perf_counter() - started
-
-
-def _restore(run: Run, log: MetricsLog) -> dict:
+def _restore(run: Run, log: MetricsLog) -> TrainState:
     """Load the checkpoint train.resume chose (if any), after checking it may be continued."""
-    state = fresh_state()
     checkpoint = run.resume_from
     if checkpoint is None:
+        state = TrainState()
         if run.is_main:
             reconcile_best(run.run_dir, state)  # a best/ from an attempt that left no checkpoint
         return state
     saved = run.resumed_state  # checked by build_run before the model loaded
     run.backend.load_state(run.accelerator, str(checkpoint), run.model, run.optimizer, run.scheduler)
-    state.update({k: saved[k] for k in state if k in saved})
-    log.truncate_after(state["step"])
+    state = TrainState.from_json(saved)
+    log.truncate_after(state.step)
     if run.is_main:
         note = reconcile_best(run.run_dir, state)
         if note:
             announce(note, True)
-    announce(f"resumed from {checkpoint} at step {state['step']} of {run.total_steps} "
+    announce(f"resumed from {checkpoint} at step {state.step} of {run.total_steps} "
              f"(written with world size {saved['world_size']}, now {run.accelerator.num_processes})", run.is_main)
     return state
 
@@ -81,39 +59,40 @@ def _data_key(run: Run) -> str | None:
     return run.data.cache_key
 
 
-def _checkpoint(run: Run, state: dict) -> Path:
+def _checkpoint(run: Run, state: TrainState) -> Path:
     """Write a checkpoint of the current step, then publish the best artifact it records."""
     heartbeat.beat("checkpointing")
     from launcher.train.selection import publish_best
 
-    trainer_state = {**state, "world_size": run.accelerator.num_processes, "global_batch": run.plan.global_batch_size,
-                     "recipe": run.recipe.model_dump(mode="json"), "backend": run.backend.resume_fingerprint(),
-                     "data_key": _data_key(run), "total_steps": run.total_steps}
-    with timed(state, "checkpoint_seconds"):
-        path = save_checkpoint(run, state["step"], trainer_state, keep=run.recipe.train.keep_checkpoints)
+    trainer_state = {**state.to_json(), "world_size": run.accelerator.num_processes,
+                     "global_batch": run.plan.global_batch_size, "recipe": run.recipe.model_dump(mode="json"),
+                     "backend": run.backend.resume_fingerprint(), "data_key": _data_key(run),
+                     "total_steps": run.total_steps}
+    with state.checkpoint_time.timing():
+        path = save_checkpoint(run, state.step, trainer_state, keep=run.recipe.train.keep_checkpoints)
         faults.slow_checkpoint()
         publish_best(run, state)
     return path
 
 
-def _checkpoint_and_maybe_stop(run: Run, state: dict, stop: StopFlag, log: MetricsLog) -> Path | None:
+def _checkpoint_and_maybe_stop(run: Run, state: TrainState, stop: StopFlag, log: MetricsLog) -> Path | None:
     """Checkpoint when due; on a stop signal (any rank), make sure one exists and raise Preempted.
 
     Returns the checkpoint written for this step, if any."""
-    step, every = state["step"], run.recipe.train.checkpoint_every
+    step, every = state.step, run.recipe.train.checkpoint_every
     written = None
-    if every and (step % every == 0 or step == run.total_steps or state["stopped_early"]):
+    if every and (step % every == 0 or step == run.total_steps or state.stopped_early):
         written = _checkpoint(run, state)
     _stop_if_signalled(run, state, stop, log, written)
     return written
 
 
-def _stop_if_signalled(run: Run, state: dict, stop: StopFlag, log: MetricsLog, written: Path | None = None,
+def _stop_if_signalled(run: Run, state: TrainState, stop: StopFlag, log: MetricsLog, written: Path | None = None,
                        when: str = "") -> None:
     """On a stop signal (any rank): make sure the current step has a checkpoint, record it, raise Preempted."""
     if not stop.any_rank_stopping(run.accelerator):
         return
-    step = state["step"]
+    step = state.step
     # A step is checkpointed once; with nothing trained yet there is nothing to save (a full model's
     # checkpoint could outlast the warning): the continuation starts over.
     path = written or (_checkpoint(run, state) if step > 0 else None)
@@ -165,7 +144,7 @@ def _train_steps(run: Run) -> dict:
     recipe = run.recipe
     log = MetricsLog(run.run_dir if run.is_main else None, run.accelerator)
     state = _restore(run, log)
-    where = start_trackers(run, resumed_at=state["step"])  # None on the other processes
+    where = start_trackers(run, resumed_at=state.step)  # None on the other processes
     if where:
         announce(where, True)
     log.open()
@@ -176,64 +155,64 @@ def _train_steps(run: Run) -> dict:
     feed = progress = None
     try:
         if run.is_main:
-            write_status(run.run_dir, "running", step=state["step"], total_steps=run.total_steps)
+            write_status(run.run_dir, "running", step=state.step, total_steps=run.total_steps)
         heartbeat.start(run.is_main)
         has_eval = run.data.eval is not None and len(run.data.eval) > 0
-        fresh_start = state["step"] == 0
-        started = time.perf_counter() - state["elapsed"]  # the opening evaluation counts too
+        fresh_start = state.step == 0
+        started = time.perf_counter() - state.elapsed  # the opening evaluation counts too
         if has_eval and recipe.eval.at_start and fresh_start:
             heartbeat.beat("evaluating")
-            with timed(state, "eval_seconds"):
-                state["eval_start"] = run_evaluation(run)
-            log.log(0, state["eval_start"])
-            announce(f"eval before training: {format_metrics(state['eval_start'])}", run.is_main)
+            with state.eval_time.timing():
+                state.eval_start = run_evaluation(run)
+            log.log(0, state.eval_start)
+            announce(f"eval before training: {format_metrics(state.eval_start)}", run.is_main)
         if recipe.eval.at_start and fresh_start:
             heartbeat.beat("evaluating")
-            with timed(state, "samples_seconds"):
-                state["samples_before"] = generate_samples(run)
-        # This run's checkpoint of state["step"], if any (a step is checkpointed once). One resumed
+            with state.samples_time.timing():
+                state.samples_before = generate_samples(run)
+        # This run's checkpoint of state.step, if any (a step is checkpointed once). One resumed
         # from another run's folder has none of its own yet.
         resumed_here = run.resume_from is not None and Path(run.resume_from).parent == checkpoint_root(run.run_dir)
         last_checkpoint = run.resume_from if resumed_here else None
         # A stop during a long opening evaluation is honoured now, not after the first step.
         _stop_if_signalled(run, state, stop, log, last_checkpoint, when=" before the first step")
 
-        progress = progress_bar(total=run.total_steps, desc="training", enabled=run.is_main, initial=state["step"])
+        progress = progress_bar(total=run.total_steps, desc="training", enabled=run.is_main, initial=state.step)
         run.model.train()
         flops = FlopsModel.of(run.model)
-        feed = _feed(run, state["step"])
+        feed = _feed(run, state.step)
         # An early-stopped run resumed (a stop signal came while it finished) goes straight to finishing.
-        for step in range(state["step"] + 1, 0 if state["stopped_early"] else run.total_steps + 1):
+        for step in range(state.step + 1, 0 if state.stopped_early else run.total_steps + 1):
             fetch_started = time.perf_counter()
             fed = next(feed)
             waited = time.perf_counter() - fetch_started
             result = train_step(run, step, fed)
             seconds = waited + result.seconds
-            state["train_loss"] = result.loss
-            state["step"], state["tokens_done"] = step, state["tokens_done"] + result.tokens
-            state["slots_done"] += result.slots
-            state["flops_done"] += flops.step_flops(result.tokens, result.attention_pairs)
-            state["train_seconds"] += seconds
+            state.train_loss = result.loss
+            state.step, state.tokens_done = step, state.tokens_done + result.tokens
+            state.slots_done += result.slots
+            state.flops_done += flops.step_flops(result.tokens, result.attention_pairs)
+            state.train_seconds += seconds
             row = _log_row(run, step, result, seconds, waited, flops)
             progress.update(1)
             progress.set_postfix(loss=f"{result.loss:.4f}")
             every = recipe.eval.every_steps
             if has_eval and ((every and step % every == 0) or step == run.total_steps):
                 heartbeat.beat("evaluating")
-                with timed(state, "eval_seconds"):
-                    metrics, state["stopped_early"] = evaluate_and_select(run, state, step)
+                with state.eval_time.timing():
+                    metrics, state.stopped_early = evaluate_and_select(run, state, step)
                 row.update(metrics)
-                if state["stopped_early"]:
+                if state.stopped_early:
                     announce(f"early stop at step {step}: {recipe.eval.metric} has not improved for "
-                             f"{recipe.eval.early_stopping_patience} evaluations (best {state['best_value']:.4f} "
-                             f"at step {state['best_step']})", run.is_main)
+                             f"{recipe.eval.early_stopping_patience} evaluations (best {state.best_value:.4f} "
+                             f"at step {state.best_step})", run.is_main)
             if row:
                 log.log(step, row)
-            state["elapsed"] = time.perf_counter() - started
+            state.elapsed = time.perf_counter() - started
             last_checkpoint = _checkpoint_and_maybe_stop(run, state, stop, log)
             heartbeat.beat()  # a step done: the hang watchdog's clock starts again
             faults.after_step(step, run.is_main)
-            if state["stopped_early"]:
+            if state.stopped_early:
                 break
         feed.close()  # shuts the loader's worker processes down before the finishing work
         progress.close()

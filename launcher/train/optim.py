@@ -86,3 +86,20 @@ def describe_optimizer(optimizer: torch.optim.Optimizer) -> dict:
     defaults = optimizer.defaults
     return {"class": f"{type(optimizer).__module__}.{type(optimizer).__name__}",
             "betas": list(defaults.get("betas", ())), "eps": defaults.get("eps"), "groups": groups}
+
+
+class OptimizerMaker:
+    """Builds the optimizer when a backend asks (`make_optimizer(model, optimizer_class)`, after it has
+    wrapped or sharded the model) and keeps what the backend's wrapper hides: the raw optimizer,
+    whose param groups the schedule drives under every wrapper, and its description, taken before
+    ZeRO swaps its groups for flat partitions."""
+
+    def __init__(self, train_cfg, fused: bool):
+        self.train_cfg, self.fused = train_cfg, fused
+        self.raw: torch.optim.Optimizer | None = None
+        self.description: dict | None = None
+
+    def __call__(self, prepared_model: nn.Module, optimizer_class=None) -> torch.optim.Optimizer:
+        self.raw = build_optimizer(prepared_model, self.train_cfg, optimizer_class, fused=self.fused)
+        self.description = describe_optimizer(self.raw)
+        return self.raw

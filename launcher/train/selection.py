@@ -20,6 +20,7 @@ from launcher.train.evaluate import evaluate, improved
 
 if TYPE_CHECKING:
     from launcher.train.build import Run
+    from launcher.train.state import TrainState
 
 BEST, PENDING = "best", "best.pending"
 ARTIFACT_MARKER = "tunefleet_artifact.json"  # inside an artifact folder: the step (and metric) it holds
@@ -58,21 +59,21 @@ def save_run_artifact(run: Run, name: str, marker: dict) -> dict:
     return full_state
 
 
-def evaluate_and_select(run: Run, state: dict, step: int) -> tuple[dict[str, float], bool]:
+def evaluate_and_select(run: Run, state: TrainState, step: int) -> tuple[dict[str, float], bool]:
     """Evaluate at `step`, keep a new best, count evaluations without gain; return (metrics, stop early?)."""
     recipe = run.recipe
     key = eval_key(recipe.eval.metric)
     metrics = run_evaluation(run)
-    state["eval_final"] = metrics
-    if improved(recipe.eval.metric, metrics[key], state["best_value"]):
-        state.update(best_value=metrics[key], best_step=step, evals_without_gain=0)
+    state.eval_final = metrics
+    if improved(recipe.eval.metric, metrics[key], state.best_value):
+        state.best_value, state.best_step, state.evals_without_gain = metrics[key], step, 0
         save_run_artifact(run, PENDING, {"step": step, "metric": key, "value": metrics[key]})
         if not recipe.train.checkpoint_every:
             publish_best(run, state)  # no checkpoint can ever disagree with it
     else:
-        state["evals_without_gain"] += 1
+        state.evals_without_gain += 1
     patience = recipe.eval.early_stopping_patience
-    return metrics, bool(patience and state["evals_without_gain"] >= patience)
+    return metrics, bool(patience and state.evals_without_gain >= patience)
 
 
 def _marker_step(folder: Path) -> int | None:
@@ -82,25 +83,25 @@ def _marker_step(folder: Path) -> int | None:
         return None
 
 
-def publish_best(run: Run, state: dict) -> None:
+def publish_best(run: Run, state: TrainState) -> None:
     """Main process: make the pending best the published one, if the state records it."""
     if not run.is_main:
         return
     pending = run.run_dir / PENDING
-    if pending.is_dir() and _marker_step(pending) == state["best_step"]:
+    if pending.is_dir() and _marker_step(pending) == state.best_step:
         replace_dir(pending, run.run_dir / BEST)
 
 
-def reconcile_best(run_dir: Path, state: dict) -> str | None:
+def reconcile_best(run_dir: Path, state: TrainState) -> str | None:
     """Main process, on resume: bring best/ in line with the checkpoint's state; say what changed."""
     pending, best = run_dir / PENDING, run_dir / BEST
     if pending.is_dir():
-        if _marker_step(pending) == state.get("best_step"):
+        if _marker_step(pending) == state.best_step:
             replace_dir(pending, best)
         else:
             shutil.rmtree(pending)
-    if best.is_dir() and _marker_step(best) != state.get("best_step"):
+    if best.is_dir() and _marker_step(best) != state.best_step:
         shutil.rmtree(best)
         return (f"removed {best}: it came from a step after the checkpoint, which runs again "
-                f"(the checkpoint's best is step {state.get('best_step')})")
+                f"(the checkpoint's best is step {state.best_step})")
     return None

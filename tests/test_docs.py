@@ -190,7 +190,7 @@ def workspace(tiny_llama, tmp_path_factory):
     spec = re.sub(r"^trials: \d+", "trials: 2", spec, flags=re.M)
     spec = re.sub(r"^base: \[recipe=lora, .*\]$",
                   f"base: [recipe=lora, model.name={tiny_llama}, train.max_steps=4, eval.every_steps=2, "
-                  "data.max_samples=64, data.max_eval_samples=8, eval.sample_prompts=[]]", spec, flags=re.M)
+                  "data.max_samples=64, data.max_eval_samples=8, \"eval.sample_prompts=[]\"]", spec, flags=re.M)
     (folder / "searches" / "lora.yaml").write_text(spec)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     return Workspace(folder, env, [f"model.name={tiny_llama}", *TINY])

@@ -89,3 +89,20 @@ def make_backend(recipe, accumulation: int, precision: str, settings=None) -> Ba
     from launcher.distributed.ddp_backend import DdpBackend
 
     return DdpBackend(recipe, accumulation, precision, settings)
+
+
+def unwrapped(accelerator, model: torch.nn.Module) -> torch.nn.Module:
+    """The model inside its DDP (or compiled) wrapper, as `accelerator.unwrap_model` gives it.
+
+    Why not accelerate's: it imports DeepSpeed whenever DeepSpeed is installed, to test for its engine,
+    which cost every DDP and FSDP2 process about 1 s at its first save (and DeepSpeed's import-time
+    notices). Only a DeepSpeed run has an engine to unwrap; FSDP2 shards the module in place."""
+    if accelerator.state.deepspeed_plugin is not None:
+        return accelerator.unwrap_model(model)
+    while True:
+        if isinstance(model, (torch.nn.parallel.DistributedDataParallel, torch.nn.DataParallel)):
+            model = model.module
+        elif hasattr(model, "_orig_mod"):  # torch.compile
+            model = model._orig_mod
+        else:
+            return model

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from launcher.distributed.backend import unwrapped
 from launcher.data.augment import build_augmenter
 from launcher.data.loader import StepDataset, step_feed
 from launcher.outputs.metrics_log import MetricsLog
@@ -255,7 +256,7 @@ def release(run: Run) -> None:
     # Drop the DDP wrapper (its reducer owns a reference to the process group) and DeepSpeed's engine
     # while the group still exists: destroyed afterwards, gloo's destructor waits forever for peers
     # that already exited, and DeepSpeed's teardown needs the group.
-    run.model = run.accelerator.unwrap_model(run.model)
+    run.model = unwrapped(run.accelerator, run.model)
     run.optimizer = None
     run.accelerator.free_memory()
     gc.collect()

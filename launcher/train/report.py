@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from launcher.distributed.backend import unwrapped
 from launcher.data.formats import render_prompt
 
 if TYPE_CHECKING:
@@ -38,7 +39,7 @@ def generate_samples(run: Run) -> list[dict]:
 
 def _answers(run: Run, synced: bool) -> list[dict]:
     recipe = run.recipe
-    model = run.accelerator.unwrap_model(run.model)
+    model = unwrapped(run.accelerator, run.model)
     was_training = model.training
     model.eval()
     samples = []
@@ -60,7 +61,7 @@ def write_rank_summary(run: Run, steps: int, full_state: dict) -> None:
     seen = hashlib.sha256()
     for step in range(steps):
         seen.update(json.dumps(run.plan.micro_batches(step)).encode())
-    trainable = {name for name, p in run.accelerator.unwrap_model(run.model).named_parameters() if p.requires_grad}
+    trainable = {name for name, p in unwrapped(run.accelerator, run.model).named_parameters() if p.requires_grad}
     if run.backend.params_sharded:
         # Each rank holds a shard: the checksum is of the gathered tensors, on the main process.
         checksum = _state_checksum(full_state, trainable) if run.is_main else None

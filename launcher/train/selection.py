@@ -15,6 +15,7 @@ import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from launcher.distributed.backend import unwrapped
 from launcher.outputs.atomic import replace_dir
 from launcher.train.evaluate import evaluate, improved
 
@@ -47,13 +48,13 @@ def save_run_artifact(run: Run, name: str, marker: dict) -> dict:
     from launcher.outputs.artifacts import save_artifact, tensors_to_gather
 
     run.accelerator.wait_for_everyone()
-    names = tensors_to_gather(run.accelerator.unwrap_model(run.model))
+    names = tensors_to_gather(unwrapped(run.accelerator, run.model))
     full_state = run.backend.full_state_dict(run.accelerator, run.model, names)
     extra = {ARTIFACT_MARKER: json.dumps(marker, indent=1)}
     if run.data.label_names:
         extra["labels.json"] = json.dumps(run.data.label_names)
     with run.backend.whole_parameters(run.accelerator, run.model):
-        save_artifact(run.accelerator.unwrap_model(run.model), run.tokenizer, run.run_dir / name,
+        save_artifact(unwrapped(run.accelerator, run.model), run.tokenizer, run.run_dir / name,
                       state_dict=full_state, is_main=run.is_main, extra_files=extra)
         run.accelerator.wait_for_everyone()
     return full_state

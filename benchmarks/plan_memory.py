@@ -382,7 +382,7 @@ def deepspeed_table() -> list[str]:
     from launcher.planning.memory import Precision, Setup, model_state_bytes
     from launcher.planning.params import parameters, trainable
     from launcher.planning.shapes import read_shape, shape_from_config
-    from tests.test_plan import SMOLLM
+    from tests.helpers import SMOLLM
 
     rows = ["| model | GPUs | ZeRO | plan (GiB) | DeepSpeed (GiB) | ratio |", "| --- | --- | --- | --- | --- | --- |"]
     for label, shape in (("SmolLM2-135M", read_shape(SMOLLM)), ("llama 1B", shape_from_config(LLAMA_1B, "1b"))):

@@ -83,3 +83,13 @@ def tiny_bert_classifier(tiny_bert, tmp_path_factory) -> Path:
 
     return build_tiny_bert_classifier(tmp_path_factory.mktemp("tiny-bert-classifier"), tiny_bert,
                                       ["adjective", "adverb", "noun", "verb"])
+
+
+@pytest.fixture(scope="module")
+def slurm():
+    from tests.slurm_cluster import ensure_cluster, stop_cluster
+
+    env, started = ensure_cluster()
+    yield env
+    if started:
+        stop_cluster()

@@ -18,6 +18,7 @@ import os
 import re
 import shlex
 import subprocess
+import sys
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -119,3 +120,47 @@ def wait_for_job(job_id: str, env: Mapping[str, str] | None = None, timeout: flo
         if time.monotonic() >= deadline:
             raise TimeoutError(f"job {job_id} still {state} after {timeout} s")
         time.sleep(poll)
+
+
+# ---------------------------------------------------------------------------- tunefleet against the cluster
+
+# One process per node; global batch 4 = micro 2 x accumulation 1 x 2 ranks; dropout off so runs agree.
+TRAIN = ["peft.dropout=0", "train.global_batch_size=4", "train.micro_batch_size=2", "eval.every_steps=null",
+         "eval.at_start=false", "eval.sample_prompts=[]", "data.max_samples=200", "data.max_eval_samples=16"]
+
+
+def tunefleet(env, *words, timeout=120) -> subprocess.CompletedProcess:
+    done = subprocess.run([sys.executable, "-m", "launcher.cli", *words], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=timeout)
+    return done
+
+
+def tunefleet_submit(env, *words) -> str:
+    """`tunefleet submit` on the cluster; the job id it printed."""
+    done = tunefleet(env, "submit", *words)
+    assert done.returncode == 0, done.stdout + done.stderr
+    return done.stdout.split("submitted job ")[1].split(":")[0].split()[0]
+
+
+def job_env(slurm) -> dict:
+    return {**os.environ, **slurm, "OMP_NUM_THREADS": "1"}
+
+
+def wait_state(env, path: Path, wanted: set[str], timeout: float, seen: set | None = None) -> str:
+    """Poll `tunefleet status` until every run is in one of `wanted`; `seen` collects each state shown."""
+    deadline, table = time.time() + timeout, ""
+    while time.time() < deadline:
+        table = tunefleet(env, "status", str(path)).stdout
+        states = {line.split()[3] for line in table.splitlines()[1:] if len(line.split()) > 3}
+        if seen is not None:
+            seen.update(states)
+            seen.update(line.split("(")[1].split(")")[0] for line in table.splitlines() if "pending (" in line)
+        if states and states <= wanted:
+            return table
+        time.sleep(1)
+    raise AssertionError(f"not {wanted} after {timeout} s:\n{table}\n" + "".join(
+        p.read_text()[-3000:] for p in path.rglob("slurm-*.out")))
+
+
+def scontrol_job(env, job: str) -> str:
+    return subprocess.run(["scontrol", "show", "job", job], env=env, capture_output=True, text=True).stdout

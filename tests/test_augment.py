@@ -248,7 +248,7 @@ def test_eval_data_is_never_augmented(tiny_bert, tmp_path):
 
 
 def test_resume_with_augmentation_is_exact(tiny_llama, tmp_path):
-    from tests.test_resume import crash_after
+    from tests.helpers import crash_after
 
     words = [*EXACT, *ALL, "train.micro_batch_size=4", "train.checkpoint_every=3", "train.keep_checkpoints=5"]
     run_in_process("lora", tiny_llama, tmp_path / "straight", *words)
@@ -261,7 +261,7 @@ def test_resume_with_augmentation_is_exact(tiny_llama, tmp_path):
 
 @pytest.mark.slow
 def test_augmented_world_size_2_matches_one_process(tiny_llama, tmp_path):
-    from tests.test_backends import launch
+    from tests.helpers import launch
 
     words = [*EXACT, *ALL, "eval.sample_prompts=[]", "data.loader_workers=2"]
     run_in_process("lora", tiny_llama, tmp_path / "one", *words, "train.micro_batch_size=8")

@@ -2,56 +2,17 @@
 whatever the split and the backend; sharded backends really shard; saves hold whole tensors."""
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-import torch
 from safetensors.torch import load_file
 
-from tests.helpers import QUICK, read_jsonl, run_in_process
-from launcher.distributed.rendezvous import free_port
+from tests.helpers import (
+    BACKENDS, SAME, assert_same_adapter, assert_same_artifact, launch, losses, ranks, run_in_process,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
-
-BACKENDS = {
-    "ddp": [],
-    "zero1": ["distributed.backend=deepspeed", "distributed.config=zero1"],
-    "zero2": ["distributed.backend=deepspeed", "distributed.config=zero2"],
-    "zero3": ["distributed.backend=deepspeed", "distributed.config=zero3"],
-    "fsdp": ["distributed.backend=fsdp"],
-}
-# Global batch 4 everywhere; dropout off so that runs can agree to rounding.
-SAME = ["peft.dropout=0", "train.max_steps=3", "eval.every_steps=3", "eval.at_start=false",
-        "train.global_batch_size=4", "eval.sample_prompts=[]"]
-
-
-def launch(out: Path, recipe: str, model: Path, *words: str, processes: int = 2,
-           timeout: int = 600) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    argv = [sys.executable, "-m", "launcher.cli", "run", f"recipe={recipe}", f"model.name={model}", f"output.dir={out}",
-            *QUICK, *words, f"distributed.num_processes={processes}", f"distributed.main_process_port={free_port()}"]
-    done = subprocess.run(argv, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
-    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
-    return done
-
-
-def ranks(run_dir: Path) -> list[dict]:
-    return [json.loads(p.read_text()) for p in sorted((run_dir / "ranks").glob("rank*.json"))]
-
-
-def losses(run_dir: Path) -> list[float]:
-    return [r["loss"] for r in read_jsonl(run_dir / "metrics.jsonl") if "loss" in r]
-
-
-def assert_same_adapter(a: Path, b: Path) -> None:
-    x, y = (load_file(str(d / "final" / "adapter_model.safetensors")) for d in (a, b))
-    assert x.keys() == y.keys() and x
-    for key in x:
-        torch.testing.assert_close(y[key], x[key], atol=1e-5, rtol=1e-4)
 
 
 @pytest.fixture(scope="module")
@@ -100,13 +61,6 @@ METHOD_WORDS = {
 }
 
 
-def artifact_tensors(run_dir: Path) -> dict:
-    tensors = {}
-    for file in (run_dir / "final").glob("*.safetensors"):
-        tensors.update(load_file(str(file)))
-    return tensors
-
-
 @pytest.mark.parametrize("sharding", ["zero3", "fsdp"])
 @pytest.mark.parametrize("method", list(METHOD_WORDS))
 def test_every_method_runs_sharded_and_saves_what_one_process_saves(method, sharding, tiny_llama, tiny_bert, tmp_path):
@@ -125,21 +79,6 @@ def test_every_method_runs_sharded_and_saves_what_one_process_saves(method, shar
     else:
         assert gathered >= records[0]["total_param_elements"]
     assert_same_artifact(tmp_path / "run", tmp_path / "one")
-
-
-def assert_same_artifact(a: Path, b: Path) -> None:
-    """Adapters: the same tensors. Full models: stock transformers loads both to the same weights."""
-    if (b / "final" / "adapter_config.json").exists():
-        x, y = artifact_tensors(a), artifact_tensors(b)
-    else:
-        from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
-
-        classify = AutoConfig.from_pretrained(b / "final").architectures[0].endswith("SequenceClassification")
-        auto = AutoModelForSequenceClassification if classify else AutoModelForCausalLM
-        x, y = (auto.from_pretrained(d / "final").state_dict() for d in (a, b))
-    assert x.keys() == y.keys() and x
-    for key in y:
-        torch.testing.assert_close(x[key], y[key], atol=1e-5, rtol=1e-4)
 
 
 @pytest.mark.parametrize("backend", ["ddp", "zero2"])

@@ -9,21 +9,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from launcher.data.batches import collate, pack
 from launcher.data.formats import IGNORE
 from launcher.train import chunked_loss, loss_check
 from launcher.train.chunked_loss import (
     causal_lm_loss, chunk_tokens, chunked_loss_prepared, linear_cross_entropy, prepare_chunked_loss,
 )
 from launcher.train.step import micro_batch_loss
-
-
-class _Recipe:
-    """The two keys prepare_chunked_loss reads."""
-
-    def __init__(self, chunked=True, task="causal_lm"):
-        self.train = type("Train", (), {"chunked_loss": chunked})()
-        self.model = type("Model", (), {"task": task})()
+from tests.helpers import LossRecipe, assert_close, loss_batch
 
 
 SHAPES = {  # (vocab, hidden, layers, heads, kv heads, intermediate)
@@ -58,16 +50,6 @@ def build(shape: str, method: str, tied: bool = True):
     return get_peft_model(model, config)
 
 
-def batch(layout: str, vocab: int) -> dict:
-    """Examples with an ignored prompt (or none, for plain text) in the padded or packed layout."""
-    generator = torch.Generator().manual_seed(1)
-    rows = []
-    for n, prompt in ((23, 5), (9, 0), (31, 12), (4, 1)):
-        ids = torch.randint(3, vocab, (n,), generator=generator).tolist()
-        rows.append({"input_ids": ids, "labels": [IGNORE] * prompt + ids[prompt:]})
-    return pack(rows, capacity=40, pad_token_id=0) if layout == "packed" else collate(rows, pad_token_id=0)
-
-
 def loss_and_grads(model, inputs: dict, chunked: bool, precision: str):
     """The loss, the gradient of the head's input, and those of every trainable parameter."""
     model.zero_grad(set_to_none=True)
@@ -88,15 +70,6 @@ def loss_and_grads(model, inputs: dict, chunked: bool, precision: str):
     hook.remove()
     grads = {name: p.grad.clone() for name, p in model.named_parameters() if p.requires_grad}
     return loss.detach(), seen["hidden"].grad.clone(), grads
-
-
-def assert_close(actual, expected, precision: str, what: str):
-    """Within rounding, measured against the tensor's scale: float32 sums over a 49k vocabulary in
-    another order (chunk by chunk) differ by ~1e-6 of the largest entry; float16 products by ~1e-3,
-    bfloat16 ones by ~1e-2."""
-    scale = expected.float().abs().max().clamp(min=1e-12)
-    error = float((actual.float() - expected.float()).abs().max() / scale)
-    assert error < {"fp32": 2e-5, "fp16": 5e-3}.get(precision, 3e-2), f"{what}: relative error {error:.3g}"
 
 
 @pytest.fixture
@@ -129,11 +102,11 @@ def test_loss_and_gradients_match_transformers(shape, method, layout, precision,
         for p in model.parameters():
             if p.requires_grad:
                 p.data = p.data.float()
-    inputs = batch(layout, SHAPES[shape][0])
+    inputs = loss_batch(layout, SHAPES[shape][0])
     vocab, hidden = SHAPES[shape][:2]
     assert chunk_tokens(inputs["input_ids"].numel(), vocab, hidden) < int((inputs["labels"] != IGNORE).sum()) / 2
     expected = loss_and_grads(model, inputs, chunked=False, precision=precision)
-    assert prepare_chunked_loss(model, _Recipe()) is None
+    assert prepare_chunked_loss(model, LossRecipe()) is None
     actual = loss_and_grads(model, inputs, chunked=True, precision=precision)
     tight = "fp32" if precision == "fp32" else "bf16"
     torch.testing.assert_close(actual[0], expected[0], rtol=1e-5 if tight == "fp32" else 2e-3, atol=0)
@@ -190,10 +163,10 @@ def test_chunk_size_keeps_one_chunk_of_logits_near_the_hidden_states(monkeypatch
 
 def test_patched_head_is_a_plain_head_outside_the_loss():
     model = build("tiny", "lora")
-    inputs = {k: v for k, v in batch("padded", 512).items() if k != "labels"}
+    inputs = {k: v for k, v in loss_batch("padded", 512).items() if k != "labels"}
     before = model(**inputs).logits
     names = [n for n, _ in model.named_parameters()]
-    prepare_chunked_loss(model, _Recipe())
+    prepare_chunked_loss(model, LossRecipe())
     torch.testing.assert_close(model(**inputs).logits, before)  # evaluation and generate() see logits
     assert [n for n, _ in model.named_parameters()] == names  # no wrapper module: same parameter names
     twin = copy.deepcopy(model)  # the patched forward is a bound method: it follows the copy
@@ -203,7 +176,7 @@ def test_patched_head_is_a_plain_head_outside_the_loss():
 
 def test_labels_are_cleared_when_the_forward_fails():
     model = build("tiny", "full")
-    prepare_chunked_loss(model, _Recipe())
+    prepare_chunked_loss(model, LossRecipe())
     bad = {"input_ids": torch.tensor([[1, 2, 3]]), "attention_mask": torch.ones(1, 3, dtype=torch.long),
            "position_ids": torch.zeros(2, 9, dtype=torch.long), "labels": torch.tensor([[1, 2, 3]])}
     with pytest.raises(Exception):
@@ -236,12 +209,12 @@ def _chunked_path_through_ddp(store_file: str):
     import torch.distributed as dist
 
     torch.set_num_threads(1)
-    inputs = batch("padded", 512)
+    inputs = loss_batch("padded", 512)
     plain = build("tiny", "lora")
     expected = micro_batch_loss(plain, inputs, torch.tensor(5.0), classification=False)
     expected.backward()
     model = build("tiny", "lora")
-    assert prepare_chunked_loss(model, _Recipe()) is None
+    assert prepare_chunked_loss(model, LossRecipe()) is None
     dist.init_process_group("gloo", init_method=f"file://{store_file}", rank=0, world_size=1)
     try:
         wrapped = torch.nn.parallel.DistributedDataParallel(model)
@@ -272,13 +245,13 @@ def _tiny(config_class, model_class, **extra):
 
 
 def test_refusals_name_their_reason():
-    assert prepare_chunked_loss(build("tiny", "full"), _Recipe(chunked=False)) == "train.chunked_loss=false"
-    assert "classification" in prepare_chunked_loss(build("tiny", "full"), _Recipe(task="classification"))
+    assert prepare_chunked_loss(build("tiny", "full"), LossRecipe(chunked=False)) == "train.chunked_loss=false"
+    assert "classification" in prepare_chunked_loss(build("tiny", "full"), LossRecipe(task="classification"))
     from peft import LoraConfig, get_peft_model
 
     plain = build("tiny", "full", tied=False)
     adapted_head = get_peft_model(plain, LoraConfig(task_type="CAUSAL_LM", r=4, target_modules=["lm_head"]))
-    assert "not a plain Linear" in prepare_chunked_loss(adapted_head, _Recipe())
+    assert "not a plain Linear" in prepare_chunked_loss(adapted_head, LossRecipe())
     assert not chunked_loss_prepared(adapted_head)
 
 
@@ -289,14 +262,14 @@ def test_the_model_s_own_loss_decides_not_a_list_of_config_keys():
     from transformers import CohereConfig, CohereForCausalLM, Gemma2Config, Gemma2ForCausalLM
 
     capped = _tiny(Gemma2Config, Gemma2ForCausalLM, head_dim=16, final_logit_softcapping=30.0)
-    reason = prepare_chunked_loss(capped, _Recipe())
+    reason = prepare_chunked_loss(capped, LossRecipe())
     assert "not cross-entropy over its output head" in reason and "final_logit_softcapping" in reason
     scaled = _tiny(CohereConfig, CohereForCausalLM, logit_scale=0.0625)
-    assert "logit_scale" in prepare_chunked_loss(scaled, _Recipe())
+    assert "logit_scale" in prepare_chunked_loss(scaled, LossRecipe())
     assert not chunked_loss_prepared(capped) and not chunked_loss_prepared(scaled)
     stray = build("tiny", "full")
     stray.config.final_logit_softcapping = 30.0  # LlamaForCausalLM never reads it
-    assert prepare_chunked_loss(stray, _Recipe()) is None
+    assert prepare_chunked_loss(stray, LossRecipe()) is None
 
 
 def test_without_a_twin_the_config_decides(monkeypatch):
@@ -307,9 +280,9 @@ def test_without_a_twin_the_config_decides(monkeypatch):
     monkeypatch.setattr(loss_check, "_twin", no_twin)
     capped = build("tiny", "full")
     capped.config.final_logit_softcapping = 30.0
-    reason = prepare_chunked_loss(capped, _Recipe())
+    reason = prepare_chunked_loss(capped, LossRecipe())
     assert "config.final_logit_softcapping" in reason and "no probe (ValueError: cannot shrink)" in reason
-    assert prepare_chunked_loss(build("tiny", "full"), _Recipe()) is None
+    assert prepare_chunked_loss(build("tiny", "full"), LossRecipe()) is None
 
 
 def test_the_probe_leaves_the_run_s_random_stream_alone():
@@ -317,7 +290,7 @@ def test_the_probe_leaves_the_run_s_random_stream_alone():
     torch.manual_seed(3)
     expected = torch.rand(4)
     torch.manual_seed(3)
-    assert prepare_chunked_loss(model, _Recipe()) is None
+    assert prepare_chunked_loss(model, LossRecipe()) is None
     assert torch.equal(torch.rand(4), expected)
 
 
@@ -335,14 +308,14 @@ def test_moe_router_loss_is_in_the_chunked_loss_as_in_the_model_s_own(tiny_moe, 
     With one micro batch holding every target (normalizer = targets), it equals the model's own loss,
     and so do the gradients, the router's gate weights' included."""
     model = _moe(tiny_moe)
-    inputs = batch("padded", model.config.vocab_size)
+    inputs = loss_batch("padded", model.config.vocab_size)
     targets = torch.tensor(float((inputs["labels"][:, 1:] != IGNORE).sum()))
     model.zero_grad()
     own = model(**inputs, num_items_in_batch=targets)
     assert own.aux_loss is not None and float(own.aux_loss.detach()) > 0
     own.loss.backward()
     expected = {n: p.grad.clone() for n, p in model.named_parameters()}
-    assert prepare_chunked_loss(model, _Recipe()) is None
+    assert prepare_chunked_loss(model, LossRecipe()) is None
     assert chunked_loss.chunked_loss_state(model).router_aux_loss_coef == 0.02
     model.zero_grad()
     loss = causal_lm_loss(model, inputs, targets)
@@ -358,8 +331,8 @@ def test_moe_router_loss_is_weighted_by_the_micro_batch_s_share_on_both_paths(ti
     """Split over micro batches, each adds coef x aux_loss x (its targets / normalizer), chunked or not,
     so the router's weight in a step does not grow with accumulation; in evaluation there is none."""
     plain, chunked = _moe(tiny_moe), _moe(tiny_moe)
-    assert prepare_chunked_loss(chunked, _Recipe()) is None
-    inputs = batch("packed", plain.config.vocab_size)
+    assert prepare_chunked_loss(chunked, LossRecipe()) is None
+    inputs = loss_batch("packed", plain.config.vocab_size)
     normalizer = torch.tensor(100.0)  # the step's targets: this micro batch holds some of them
     share = float((inputs["labels"][:, 1:] != IGNORE).sum()) / 100.0
     own = plain(**inputs, num_items_in_batch=normalizer)
@@ -388,11 +361,11 @@ def test_fp16_autocast_with_a_grad_scaler_matches_the_standard_loss(method, smal
     for chunked in (False, True):
         model = build("tiny", method, tied=method != "full_untied")
         if chunked:
-            assert prepare_chunked_loss(model, _Recipe()) is None
+            assert prepare_chunked_loss(model, LossRecipe()) is None
         params = [p for p in model.parameters() if p.requires_grad]
         optimizer = torch.optim.SGD(params, lr=0.0)
         scaler = torch.amp.GradScaler("cpu", init_scale=2.0**16)
-        inputs = batch("padded", 512)
+        inputs = loss_batch("padded", 512)
         with torch.autocast("cpu", dtype=torch.float16):
             loss = micro_batch_loss(model, inputs, torch.tensor(7.0), classification=False)
         assert loss.dtype == torch.float32
@@ -454,7 +427,7 @@ def untied_llama(tiny_llama, tmp_path_factory) -> Path:
 @pytest.mark.slow
 @pytest.mark.parametrize("backend", ["ddp", "fsdp", "zero3"])
 def test_lora_chunked_at_world_size_2_matches_the_standard_loss(backend, unchunked_lora, tiny_llama, tmp_path):
-    from tests.test_backends import BACKENDS, assert_same_adapter, launch, losses
+    from tests.helpers import BACKENDS, assert_same_adapter, launch, losses
 
     done = launch(tmp_path / "run", "lora", tiny_llama, *LORA, "train.micro_batch_size=1", *BACKENDS[backend])
     assert CHUNKED in done.stdout  # the default: on, not quietly refused
@@ -469,7 +442,7 @@ def test_full_fine_tuning_trains_the_gathered_head_weight(backend, untied_llama,
     gradient the loss returns for it must reach the optimizer's shard: the untied head must move
     exactly as under the standard loss."""
     from tests.helpers import run_in_process
-    from tests.test_backends import BACKENDS, assert_same_artifact, launch, losses
+    from tests.helpers import BACKENDS, assert_same_artifact, launch, losses
 
     words = ["eval.every_steps=null", "train.max_steps=2", "train.global_batch_size=4", "eval.sample_prompts=[]"]
     done = launch(tmp_path / "run", "full", untied_llama, *words, "train.micro_batch_size=1", *BACKENDS[backend])

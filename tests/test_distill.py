@@ -13,7 +13,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from launcher.config.load import load_recipe
 from launcher.errors import UserError
-from tests.helpers import QUICK, first_eval_batch, read_jsonl, run_in_process
+from tests.helpers import first_eval_batch, read_jsonl, run_in_process
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -112,7 +112,7 @@ def _student_and_teacher(tiny_llama: Path, student_head: str, teacher_gives: str
 
     from launcher.train.chunked_loss import prepare_chunked_loss
     from launcher.train.distill import Teacher, hand_hidden_states
-    from tests.test_chunked_loss import _Recipe
+    from tests.helpers import LossRecipe as _Recipe
 
     student = AutoModelForCausalLM.from_pretrained(tiny_llama).train()
     if student_head == "chunked":
@@ -152,7 +152,7 @@ DISTILL_CASES = [  # (student's head, what the teacher hands back, precision)
                          ids=["-".join(c) for c in DISTILL_CASES])
 def test_chunked_distillation_gives_the_unchunked_loss_and_gradients(student_head, teacher_gives, precision,
                                                                       tiny_llama, small_chunks):
-    from tests.test_chunked_loss import assert_close, batch
+    from tests.helpers import assert_close, loss_batch as batch
 
     student, teacher = _student_and_teacher(tiny_llama, student_head, teacher_gives)
     inputs = batch("padded", student.config.vocab_size)
@@ -229,7 +229,7 @@ def test_no_tensor_of_tokens_by_vocabulary_exists_or_is_kept_for_backward(tiny_l
     vocabulary-sized is kept for backward."""
     from launcher.train.chunked_loss import chunk_tokens
     from launcher.train.distill import distillation_loss, kl_transient_bytes
-    from tests.test_chunked_loss import batch
+    from tests.helpers import loss_batch as batch
 
     student, teacher = _student_and_teacher(tiny_llama, "chunked", "hidden")
     vocab, hidden = student.config.vocab_size, student.config.hidden_size
@@ -435,7 +435,7 @@ def test_distillation_changes_the_update(tiny_bert_classifier, tmp_path):
 
 
 def test_resume_with_a_teacher_reproduces_the_uninterrupted_run(tiny_llama, tmp_path):
-    from tests.test_resume import EXACT, assert_same_training, crash_after
+    from tests.helpers import RESUMABLE as EXACT, assert_same_training, crash_after
 
     words = [*EXACT, "eval.sample_prompts=[]", f"distill.teacher={tiny_llama}", "distill.student_layers=[1]"]
     run_in_process("lora", tiny_llama, tmp_path / "straight", *words)
@@ -465,7 +465,7 @@ def test_world_size_two_distills_like_one_process_and_saves_a_stock_model(backen
                                                                          tmp_path):
     from transformers import AutoModelForSequenceClassification
 
-    from tests.test_backends import BACKENDS, launch
+    from tests.helpers import BACKENDS, launch
 
     done = launch(tmp_path / "run", "classify_lora", tiny_bert_classifier, *WS2, *BACKENDS[backend])
     assert "distillation: teacher" in done.stdout

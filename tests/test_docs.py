@@ -18,14 +18,11 @@ How each kind runs (the command's own words are kept; only what a test machine l
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import shlex
-import shutil
 import subprocess
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 

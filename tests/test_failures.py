@@ -13,10 +13,9 @@ import pytest
 
 from launcher import run as run_script
 from tests.helpers import QUICK, read_jsonl
-from tests.test_backends import BACKENDS, SAME, assert_same_adapter, launch, losses
+from tests.helpers import BACKENDS, SAME, assert_same_adapter, crash_after, launch, losses
 from launcher.distributed.rendezvous import free_port
 from tests.helpers import wait_for
-from tests.test_resume import crash_after
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow

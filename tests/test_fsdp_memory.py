@@ -11,7 +11,7 @@ import types
 import pytest
 import torch
 
-from tests.test_lean_loading import on_two_ranks
+from tests.helpers import on_two_ranks
 
 pytestmark = pytest.mark.slow
 

@@ -7,7 +7,7 @@ import pytest
 
 from launcher.distributed.inference_weights import gathered_bytes
 from tests.helpers import read_jsonl
-from tests.test_backends import launch
+from tests.helpers import launch
 
 pytestmark = pytest.mark.slow
 

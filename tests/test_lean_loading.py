@@ -3,18 +3,15 @@ are filled from rank 0 after sharding. The runs must train exactly like runs whe
 (TUNEFLEET_FSDP_FULL_LOAD=1) and like DDP; rank 1 must really have held no weights before sharding."""
 
 import json
-import os
 import shutil
 from pathlib import Path
 
 import pytest
 import torch
 
-from launcher.distributed.rendezvous import free_port
 from launcher.model import lean_load
 from tests.helpers import read_jsonl
-from tests.test_backends import BACKENDS, artifact_tensors, assert_same_adapter, launch, losses
-from tests.test_resume import crash_after
+from tests.helpers import BACKENDS, artifact_tensors, assert_same_adapter, crash_after, launch, losses, on_two_ranks
 
 pytestmark = pytest.mark.slow
 
@@ -97,28 +94,6 @@ def test_lean_full_finetuning_keeps_tied_weights_and_matches(words, tiny_llama, 
 
 
 # In-process checks of the pieces, on two gloo ranks started with torch.multiprocessing.
-
-def on_two_ranks(fn, *args) -> None:
-    """Run fn(rank, *args) on two gloo ranks; a failed assertion on either fails the test."""
-    import torch.multiprocessing as mp
-
-    mp.spawn(_rank_main, args=(free_port(), fn, args), nprocs=2, join=True)
-
-
-def _rank_main(rank, port, fn, args) -> None:
-    import faulthandler
-
-    import torch.distributed as dist
-
-    faulthandler.dump_traceback_later(600, exit=True)  # a stuck collective prints its stack and ends
-    os.environ["GLOO_SOCKET_IFNAME"] = "lo"  # both ranks on this machine, whatever the hostname resolves to
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
-    try:
-        fn(rank, *args)
-    finally:
-        dist.destroy_process_group()
-
 
 def _builder(model_dir: str, *words: str):
     from launcher.config.load import load_recipe

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from tests.helpers import QUICK, run_in_process
-from tests.test_backends import BACKENDS, SAME, assert_same_adapter, losses
+from tests.helpers import BACKENDS, SAME, assert_same_adapter, losses
 from launcher.distributed.rendezvous import free_port
 
 ROOT = Path(__file__).resolve().parents[1]

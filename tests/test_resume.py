@@ -17,42 +17,15 @@ from safetensors.torch import load_file
 from launcher import run as run_script
 from launcher.train.checkpoint import complete_checkpoints
 from launcher.train.preemption import PREEMPTED_EXIT_CODE
-from tests.helpers import QUICK, read_jsonl, run_in_process, wait_for
+from tests.helpers import (
+    QUICK, RESUMABLE, artifact_tensors, assert_same_training, crash_after, losses, read_jsonl, run_in_process, wait_for,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
-EXACT = ["peft.dropout=0.1", "train.max_steps=6", "eval.every_steps=3", "train.checkpoint_every=2",
-         "train.keep_checkpoints=5"]
-
-
-def losses(run_dir: Path) -> list[float]:
-    return [r["loss"] for r in read_jsonl(run_dir / "metrics.jsonl") if "loss" in r]
-
-
-def adapter(run_dir: Path) -> dict:
-    return load_file(str(run_dir / "final" / "adapter_model.safetensors"))
-
-
-def assert_same_training(a: Path, b: Path) -> None:
-    assert losses(b) == pytest.approx(losses(a), rel=1e-6)
-    steps = [r["step"] for r in read_jsonl(b / "metrics.jsonl")]
-    assert steps == sorted(set(steps)), "a resumed step must be logged once"
-    for key, tensor in adapter(a).items():
-        torch.testing.assert_close(adapter(b)[key], tensor, atol=1e-6, rtol=1e-5)
-
-
-def crash_after(run_dir: Path, step: int) -> None:
-    """Leave the folder as a crash after `step`'s checkpoint would: later checkpoints gone, a
-    half-written one present, metrics and artifacts of the later steps still on disk."""
-    for ckpt in complete_checkpoints(run_dir):
-        if int(ckpt.name.removeprefix("step-")) > step:
-            shutil.rmtree(ckpt)
-    (run_dir / "checkpoints" / f"step-{step + 1:08d}.tmp").mkdir(exist_ok=True)
-    (run_dir / "metrics.json").unlink()
-    (run_dir / "status.json").write_text('{"state": "running"}')  # what a crash mid-training leaves
 
 
 def test_checkpoints_are_complete_and_pruned(tiny_llama, tmp_path):
-    run_in_process("lora", tiny_llama, tmp_path / "run", *EXACT, "train.keep_checkpoints=2")
+    run_in_process("lora", tiny_llama, tmp_path / "run", *RESUMABLE, "train.keep_checkpoints=2")
     kept = complete_checkpoints(tmp_path / "run")
     assert [p.name for p in kept] == ["step-00000004", "step-00000006"]
     state = json.loads((kept[-1] / "trainer_state.json").read_text())
@@ -63,11 +36,11 @@ def test_checkpoints_are_complete_and_pruned(tiny_llama, tmp_path):
 
 
 def test_auto_resume_reproduces_the_uninterrupted_run(tiny_llama, tmp_path, capsys):
-    run_in_process("lora", tiny_llama, tmp_path / "straight", *EXACT)
-    run_in_process("lora", tiny_llama, tmp_path / "resumed", *EXACT)
+    run_in_process("lora", tiny_llama, tmp_path / "straight", *RESUMABLE)
+    run_in_process("lora", tiny_llama, tmp_path / "resumed", *RESUMABLE)
     crash_after(tmp_path / "resumed", 2)
     capsys.readouterr()
-    run_in_process("lora", tiny_llama, tmp_path / "resumed", *EXACT, "train.resume=auto")
+    run_in_process("lora", tiny_llama, tmp_path / "resumed", *RESUMABLE, "train.resume=auto")
     assert "at step 2 of 6" in capsys.readouterr().out
     assert_same_training(tmp_path / "straight", tmp_path / "resumed")
     evals = [r["step"] for r in read_jsonl(tmp_path / "resumed" / "metrics.jsonl") if "eval_loss" in r]
@@ -77,32 +50,32 @@ def test_auto_resume_reproduces_the_uninterrupted_run(tiny_llama, tmp_path, caps
 @pytest.mark.parametrize("before, after", [(8, 4), (4, 8)], ids=["accumulation 1->2", "accumulation 2->1"])
 def test_resume_with_another_accumulation_at_an_odd_step_is_exact(before, after, tiny_llama, tmp_path):
     """The loop, not a restored micro-step counter, decides which micro batch steps the optimizer."""
-    common = [*EXACT, "peft.dropout=0", "train.checkpoint_every=3", "train.global_batch_size=8"]  # masks differ by split
+    common = [*RESUMABLE, "peft.dropout=0", "train.checkpoint_every=3", "train.global_batch_size=8"]  # masks differ by split
     run_in_process("lora", tiny_llama, tmp_path / "straight", *common, f"train.micro_batch_size={before}")
     run_in_process("lora", tiny_llama, tmp_path / "resumed", *common, f"train.micro_batch_size={before}")
     crash_after(tmp_path / "resumed", 3)
     run_in_process("lora", tiny_llama, tmp_path / "resumed", *common, "train.resume=auto",
                    f"train.micro_batch_size={after}")
     assert losses(tmp_path / "resumed") == pytest.approx(losses(tmp_path / "straight"), rel=1e-5)
-    for key, tensor in adapter(tmp_path / "straight").items():
-        torch.testing.assert_close(adapter(tmp_path / "resumed")[key], tensor, atol=1e-5, rtol=1e-4)
+    for key, tensor in artifact_tensors(tmp_path / "straight").items():
+        torch.testing.assert_close(artifact_tensors(tmp_path / "resumed")[key], tensor, atol=1e-5, rtol=1e-4)
 
 
 def test_resume_says_what_it_did(tiny_llama, tmp_path, capsys):
-    run_in_process("lora", tiny_llama, tmp_path / "run", *EXACT)
+    run_in_process("lora", tiny_llama, tmp_path / "run", *RESUMABLE)
     crash_after(tmp_path / "run", 4)
     capsys.readouterr()
-    run_in_process("lora", tiny_llama, tmp_path / "run", *EXACT, "train.resume=auto")
+    run_in_process("lora", tiny_llama, tmp_path / "run", *RESUMABLE, "train.resume=auto")
     assert "resumed from" in capsys.readouterr().out
-    run_in_process("lora", tiny_llama, tmp_path / "fresh", *EXACT, "train.resume=auto")
+    run_in_process("lora", tiny_llama, tmp_path / "fresh", *RESUMABLE, "train.resume=auto")
     assert "no complete checkpoint" in capsys.readouterr().out
 
 
 def test_resume_from_a_path_into_a_new_folder(tiny_llama, tmp_path):
-    run_in_process("lora", tiny_llama, tmp_path / "straight", *EXACT)
-    run_in_process("lora", tiny_llama, tmp_path / "first", *EXACT)
+    run_in_process("lora", tiny_llama, tmp_path / "straight", *RESUMABLE)
+    run_in_process("lora", tiny_llama, tmp_path / "first", *RESUMABLE)
     checkpoint = tmp_path / "first" / "checkpoints" / "step-00000004"
-    run_in_process("lora", tiny_llama, tmp_path / "second", *EXACT, f"train.resume={checkpoint}")
+    run_in_process("lora", tiny_llama, tmp_path / "second", *RESUMABLE, f"train.resume={checkpoint}")
     assert losses(tmp_path / "second") == pytest.approx(losses(tmp_path / "straight")[4:], rel=1e-6)
 
 
@@ -118,11 +91,11 @@ def test_resume_from_a_path_into_a_new_folder(tiny_llama, tmp_path):
     ("data.train=[{path: data/wordnet/definitions_train.jsonl, weight: 2}]", "data.train"),
 ])
 def test_resume_refuses_what_would_reshape_the_rest_of_the_run(change, named, tiny_llama, tmp_path, capsys):
-    run_in_process("lora", tiny_llama, tmp_path / "run", *EXACT)
+    run_in_process("lora", tiny_llama, tmp_path / "run", *RESUMABLE)
     crash_after(tmp_path / "run", 4)
     capsys.readouterr()
     code = run_script.main(["recipe=lora", f"model.name={tiny_llama}", f"output.dir={tmp_path / 'run'}", *QUICK,
-                            *EXACT, "train.resume=auto", change])
+                            *RESUMABLE, "train.resume=auto", change])
     err = capsys.readouterr().err
     assert code == 2 and "cannot resume" in err and named in err, err
     assert len([line for line in err.splitlines() if "error" in line.lower()]) == 1 and "Traceback" not in err
@@ -130,14 +103,14 @@ def test_resume_refuses_what_would_reshape_the_rest_of_the_run(change, named, ti
 
 
 def test_resume_accepts_a_new_split_and_schedule_of_saves(tiny_llama, tmp_path):
-    run_in_process("lora", tiny_llama, tmp_path / "run", *EXACT)
+    run_in_process("lora", tiny_llama, tmp_path / "run", *RESUMABLE)
     crash_after(tmp_path / "run", 4)
-    run_in_process("lora", tiny_llama, tmp_path / "run", *EXACT, "train.resume=auto", "train.micro_batch_size=2",
+    run_in_process("lora", tiny_llama, tmp_path / "run", *RESUMABLE, "train.resume=auto", "train.micro_batch_size=2",
                    "train.checkpoint_every=1", "train.log_every=2", "eval.batch_size=3")
 
 
 def test_used_folder_without_resume_is_refused(tiny_llama, tmp_path, capsys):
-    run_in_process("lora", tiny_llama, tmp_path / "run", *EXACT)
+    run_in_process("lora", tiny_llama, tmp_path / "run", *RESUMABLE)
     assert run_script.main(["recipe=lora", f"model.name={tiny_llama}", f"output.dir={tmp_path / 'run'}"]) == 2
     assert "train.resume=auto" in capsys.readouterr().err
 
@@ -187,10 +160,10 @@ def test_stop_signals_are_recorded_not_fatal(signum):
 
 def test_auto_resume_never_continues_a_finished_run(tiny_llama, tmp_path, capsys):
     """A fixed folder that finished: nothing to do, nothing rewritten (a requeued job is harmless)."""
-    run_in_process("lora", tiny_llama, tmp_path / "run", *EXACT)
+    run_in_process("lora", tiny_llama, tmp_path / "run", *RESUMABLE)
     metrics = (tmp_path / "run" / "metrics.json").read_bytes()
     capsys.readouterr()
-    code = run_script.main(["recipe=lora", f"model.name={tiny_llama}", f"output.dir={tmp_path / 'run'}", *QUICK, *EXACT,
+    code = run_script.main(["recipe=lora", f"model.name={tiny_llama}", f"output.dir={tmp_path / 'run'}", *QUICK, *RESUMABLE,
                             "train.resume=auto"])
     out = capsys.readouterr().out
     assert code == 0 and "already finished" in out and "nothing to do" in out
@@ -199,12 +172,12 @@ def test_auto_resume_never_continues_a_finished_run(tiny_llama, tmp_path, capsys
 
 def test_auto_resume_with_a_time_template_skips_finished_runs(tiny_llama, tmp_path, capsys):
     template = str(tmp_path / "runs" / "lora-{time}")
-    run_in_process("lora", tiny_llama, template, *EXACT)
+    run_in_process("lora", tiny_llama, template, *RESUMABLE)
     [finished] = list((tmp_path / "runs").iterdir())
     metrics = (finished / "metrics.json").read_bytes()
     time.sleep(1.1)  # {time} has one-second resolution
     capsys.readouterr()
-    run_in_process("lora", tiny_llama, template, *EXACT, "train.resume=auto")
+    run_in_process("lora", tiny_llama, template, *RESUMABLE, "train.resume=auto")
     out = capsys.readouterr().out
     assert "1 finished run(s)" in out and "starting fresh" in out
     assert len(list((tmp_path / "runs").iterdir())) == 2
@@ -213,7 +186,7 @@ def test_auto_resume_with_a_time_template_skips_finished_runs(tiny_llama, tmp_pa
     newest = max((tmp_path / "runs").iterdir())
     crash_after(newest, 4)
     capsys.readouterr()
-    run_in_process("lora", tiny_llama, template, *EXACT, "train.resume=auto")
+    run_in_process("lora", tiny_llama, template, *RESUMABLE, "train.resume=auto")
     assert f"continuing {newest}" in capsys.readouterr().out
     assert json.loads((newest / "metrics.json").read_text())["train_loss"] == pytest.approx(losses(newest)[-1])
 
@@ -224,7 +197,7 @@ def _marker_step(folder: Path):
 
 def test_best_is_published_with_the_checkpoint_that_records_it(tiny_llama, tmp_path):
     run_dir = tmp_path / "run"
-    run_in_process("lora", tiny_llama, run_dir, *EXACT, "eval.every_steps=1", "train.lr=1e-2")
+    run_in_process("lora", tiny_llama, run_dir, *RESUMABLE, "eval.every_steps=1", "train.lr=1e-2")
     result = json.loads((run_dir / "metrics.json").read_text())
     assert _marker_step(run_dir / "best") == result["best"]["step"] and not (run_dir / "best.pending").exists()
     # A crash after step 3's evaluation found a new best, before step 4's checkpoint recorded it.
@@ -239,7 +212,7 @@ def test_best_is_published_with_the_checkpoint_that_records_it(tiny_llama, tmp_p
     note = reconcile_best(run_dir, TrainState(best_step=recorded))
     assert note and "runs again" in note
     assert not (run_dir / "best").exists() and not (run_dir / "best.pending").exists()
-    run_in_process("lora", tiny_llama, run_dir, *EXACT, "eval.every_steps=1", "train.lr=1e-2", "train.resume=auto")
+    run_in_process("lora", tiny_llama, run_dir, *RESUMABLE, "eval.every_steps=1", "train.lr=1e-2", "train.resume=auto")
     assert _marker_step(run_dir / "best") == json.loads((run_dir / "metrics.json").read_text())["best"]["step"]
 
 
@@ -288,7 +261,7 @@ def test_a_stop_signal_on_a_checkpoint_step_writes_that_checkpoint_once(tiny_lla
     monkeypatch.setattr(loop, "train_step", step_then_signal)
     monkeypatch.setattr(loop, "save_checkpoint", lambda run, step, *a, **k: saved.append(step) or real_save(run, step, *a, **k))
     with pytest.raises(Preempted):
-        run_in_process("lora", tiny_llama, tmp_path / "run", *EXACT)
+        run_in_process("lora", tiny_llama, tmp_path / "run", *RESUMABLE)
     from launcher.train.loop import reset_process_state
 
     reset_process_state()
@@ -306,7 +279,7 @@ def test_a_stop_signal_before_training_began_exits_75_at_once_and_records_no_fai
     from launcher.train import build, loop
 
     monkeypatch.setenv("TUNEFLEET_STATUS_FILE", str(tmp_path / "cli-status"))
-    common = ["recipe=lora", f"model.name={tiny_llama}", f"output.dir={tmp_path / 'run'}", *QUICK, *EXACT]
+    common = ["recipe=lora", f"model.name={tiny_llama}", f"output.dir={tmp_path / 'run'}", *QUICK, *RESUMABLE]
     before = signal.getsignal(signal.SIGTERM)
     real_build = build.build_run
 
@@ -354,7 +327,7 @@ def test_a_stop_signal_while_finishing_checkpoints_and_the_resumed_run_only_fini
     from launcher.train.preemption import Preempted
 
     # every=null: the stop itself must write the one checkpoint; every=2: the last step's is reused.
-    words = [*EXACT, f"train.checkpoint_every={every}"]
+    words = [*RESUMABLE, f"train.checkpoint_every={every}"]
     if early_stop:
         real_select = loop.evaluate_and_select
         monkeypatch.setattr(loop, "evaluate_and_select",
@@ -394,8 +367,8 @@ def test_a_stop_signal_while_finishing_checkpoints_and_the_resumed_run_only_fini
     assert result["train_loss"] == pytest.approx(whole["train_loss"], rel=1e-6)  # carried by the checkpoint
     assert result["eval_final"]["eval_loss"] == pytest.approx(whole["eval_final"]["eval_loss"], rel=1e-6)
     assert losses(tmp_path / "run") == pytest.approx(losses(tmp_path / "whole"), rel=1e-6)
-    for key, tensor in adapter(tmp_path / "whole").items():
-        torch.testing.assert_close(adapter(tmp_path / "run")[key], tensor, atol=1e-6, rtol=1e-5)
+    for key, tensor in artifact_tensors(tmp_path / "whole").items():
+        torch.testing.assert_close(artifact_tensors(tmp_path / "run")[key], tensor, atol=1e-6, rtol=1e-5)
     samples = read_jsonl(tmp_path / "run" / "samples.jsonl")  # the answers before training came with the checkpoint
     assert samples and samples == read_jsonl(tmp_path / "whole" / "samples.jsonl") and "before_training" in samples[0]
 
@@ -415,12 +388,12 @@ def test_a_stop_signal_during_the_opening_evaluation_stops_before_the_first_step
 
     monkeypatch.setattr(loop, "run_evaluation", signalled_eval)
     with pytest.raises(Preempted):
-        run_in_process("lora", tiny_llama, tmp_path / "run", *EXACT)
+        run_in_process("lora", tiny_llama, tmp_path / "run", *RESUMABLE)
     loop.reset_process_state()
     status = json.loads((tmp_path / "run" / "status.json").read_text())
     assert status["state"] == "interrupted" and status["step"] == 0
     assert not [r for r in read_jsonl(tmp_path / "run" / "metrics.jsonl") if "loss" in r]  # no step was taken
-    run_in_process("lora", tiny_llama, tmp_path / "run", *EXACT, "train.resume=auto")
+    run_in_process("lora", tiny_llama, tmp_path / "run", *RESUMABLE, "train.resume=auto")
     loop.reset_process_state()
     assert json.loads((tmp_path / "run" / "status.json").read_text())["state"] == "finished"
     assert [r["step"] for r in read_jsonl(tmp_path / "run" / "metrics.jsonl") if "loss" in r] == [1, 2, 3, 4, 5, 6]

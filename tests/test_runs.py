@@ -139,7 +139,7 @@ def test_every_classification_method_in_the_support_table_runs(overrides, tiny_b
 @pytest.mark.parametrize("recipe_name", MULTI_PROCESS_RECIPES)
 def test_multi_process_recipe_end_to_end(recipe_name, tiny_llama, tiny_bert, tmp_path, request):
     """Launched as shipped (its backend, two processes); saves what one DDP process saves."""
-    from tests.test_backends import assert_same_artifact, launch, ranks
+    from tests.helpers import assert_same_artifact, launch, ranks
 
     model_path = tiny_for(recipe_name, tiny_llama, tiny_bert, request)
     _, shipped = load_recipe([f"recipe={recipe_name}"])

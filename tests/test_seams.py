@@ -26,3 +26,21 @@ def test_configuration_is_the_ground_floor():
     outside = {f"{p.relative_to(ROOT)}: {m}" for p in (ROOT / "launcher" / "config").glob("*.py")
                for m in launcher_imports(p) if not (m.startswith("launcher.config") or m == "launcher.errors")}
     assert not outside, sorted(outside)
+
+
+def test_tests_share_helpers_through_helper_modules_not_through_each_other():
+    """Shared launches, fixtures and checks live in tests/helpers.py, tests/slurm_cluster.py and conftest.py;
+    a test module importing another pulls in its tests and its module-level setup."""
+    crossing = {f"{p.name}: {m}" for p in (ROOT / "tests").glob("test_*.py")
+                for m in _test_imports(p) if m.startswith("tests.test_") and m != f"tests.{p.stem}"}
+    assert not crossing, sorted(crossing)
+
+
+def _test_imports(path: Path) -> set[str]:
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.module:
+            found.add(node.module)
+        elif isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+    return found

@@ -18,62 +18,15 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
-from safetensors.torch import load_file
 
 from launcher.distributed.rendezvous import free_port
 from launcher.train.checkpoint import complete_checkpoints
-from tests.helpers import read_jsonl, wait_for
+from tests.helpers import BACKENDS, assert_same_adapter, read_jsonl, wait_for
+from tests.slurm_cluster import TRAIN, job_env, scontrol_job, tunefleet, tunefleet_submit, wait_state
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
-# One process per node; global batch 4 = micro 2 x accumulation 1 x 2 ranks; dropout off so runs agree.
-TRAIN = ["peft.dropout=0", "train.global_batch_size=4", "train.micro_batch_size=2", "eval.every_steps=null",
-         "eval.at_start=false", "eval.sample_prompts=[]", "data.max_samples=200", "data.max_eval_samples=16"]
-BACKENDS = {"ddp": [], "zero3": ["distributed.backend=deepspeed", "distributed.config=zero3"],
-            "fsdp": ["distributed.backend=fsdp"]}
-
-
-@pytest.fixture(scope="module")
-def slurm():
-    from tests.slurm_cluster import ensure_cluster, stop_cluster
-
-    env, started = ensure_cluster()
-    yield env
-    if started:
-        stop_cluster()
-
-
-def cli(env, *words, timeout=120) -> subprocess.CompletedProcess:
-    done = subprocess.run([sys.executable, "-m", "launcher.cli", *words], cwd=ROOT, env=env, capture_output=True,
-                          text=True, timeout=timeout)
-    return done
-
-
-def submit(env, *words) -> str:
-    done = cli(env, "submit", *words)
-    assert done.returncode == 0, done.stdout + done.stderr
-    return done.stdout.split("submitted job ")[1].split(":")[0].split()[0]
-
-
-def job_env(slurm) -> dict:
-    return {**os.environ, **slurm, "OMP_NUM_THREADS": "1"}
-
-
-def wait_state(env, path: Path, wanted: set[str], timeout: float, seen: set | None = None) -> str:
-    """Poll `tunefleet status` until every run is in one of `wanted`; `seen` collects each state shown."""
-    deadline, table = time.time() + timeout, ""
-    while time.time() < deadline:
-        table = cli(env, "status", str(path)).stdout
-        states = {line.split()[3] for line in table.splitlines()[1:] if len(line.split()) > 3}
-        if seen is not None:
-            seen.update(states)
-            seen.update(line.split("(")[1].split(")")[0] for line in table.splitlines() if "pending (" in line)
-        if states and states <= wanted:
-            return table
-        time.sleep(1)
-    raise AssertionError(f"not {wanted} after {timeout} s:\n{table}\n" + "".join(
-        p.read_text()[-3000:] for p in path.rglob("slurm-*.out")))
+NODE_BACKENDS = {name: BACKENDS[name] for name in ("ddp", "zero3", "fsdp")}
 
 
 def single_machine(tiny_llama, out: Path, *words) -> None:
@@ -84,32 +37,25 @@ def single_machine(tiny_llama, out: Path, *words) -> None:
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
 
 
-def assert_same_adapter(a: Path, b: Path) -> None:
-    x, y = (load_file(str(d / "final" / "adapter_model.safetensors")) for d in (a, b))
-    assert x.keys() == y.keys() and x
-    for key in x:
-        torch.testing.assert_close(y[key], x[key], atol=1e-5, rtol=1e-4)
-
-
-@pytest.mark.parametrize("backend", list(BACKENDS))
+@pytest.mark.parametrize("backend", list(NODE_BACKENDS))
 def test_two_nodes_train_what_one_machine_with_two_processes_trains(backend, slurm, tiny_llama, tmp_path):
     env = job_env(slurm)
     run_dir = tmp_path / "slurm-run"
-    submit(env, "recipe=lora", f"model.name={tiny_llama}", *TRAIN, "train.max_steps=3", *BACKENDS[backend],
+    tunefleet_submit(env, "recipe=lora", f"model.name={tiny_llama}", *TRAIN, "train.max_steps=3", *NODE_BACKENDS[backend],
            "cluster=local", "slurm.nodes=2", f"output.dir={run_dir}")
     wait_state(env, run_dir, {"finished", "failed"}, 300)
     ranks = [json.loads(p.read_text()) for p in sorted((run_dir / "ranks").glob("rank*.json"))]
     assert [r["world_size"] for r in ranks] == [2, 2] and [r["rank"] for r in ranks] == [0, 1]
     log = next((run_dir / "slurm").glob("slurm-*.out")).read_text()
     assert "node 0 of 2" in log and "node 1 of 2" in log
-    single_machine(tiny_llama, tmp_path / "one-machine", "train.max_steps=3", *BACKENDS[backend])
+    single_machine(tiny_llama, tmp_path / "one-machine", "train.max_steps=3", *NODE_BACKENDS[backend])
     assert_same_adapter(tmp_path / "one-machine", run_dir)
 
 
 def test_sweep_runs_as_an_array_and_is_collected(slurm, tiny_llama, tmp_path):
     env = job_env(slurm)
     sweep = tmp_path / "sweep"
-    done = cli(env, "submit", "recipe=lora", f"model.name={tiny_llama}", *TRAIN, "train.max_steps=4",
+    done = tunefleet(env, "submit", "recipe=lora", f"model.name={tiny_llama}", *TRAIN, "train.max_steps=4",
                "eval.every_steps=2", "train.lr=1e-3,3e-3,1e-2,3e-2", "cluster=local", "slurm.array_parallelism=2",
                f"sweep.dir={sweep}")
     assert done.returncode == 0 and "job array" in done.stdout, done.stderr
@@ -123,7 +69,7 @@ def test_sweep_runs_as_an_array_and_is_collected(slurm, tiny_llama, tmp_path):
     # Nobody has called collect: the job submit queued behind the array (afterany) writes the results.
     assert wait_for(lambda: (sweep / "results.csv").exists(), 120), list((sweep / "slurm").iterdir())
     assert (sweep / "slurm" / f"collect-{manifest['collect_job_id']}.out").exists()
-    assert cli(env, "collect", str(sweep)).returncode == 0
+    assert tunefleet(env, "collect", str(sweep)).returncode == 0
     rows = list(csv.DictReader((sweep / "results.csv").open()))
     assert len(rows) == 4
     for row in rows:
@@ -137,7 +83,7 @@ def test_a_job_warned_before_its_time_limit_checkpoints_requeues_and_matches(slu
     env = job_env(slurm)
     run_dir = tmp_path / "preempted"
     words = ["recipe=lora", f"model.name={tiny_llama}", *TRAIN, "train.max_steps=60", "data.max_samples=400"]
-    job = submit(env, *words, "cluster=local", "slurm.nodes=2", f"output.dir={run_dir}")
+    job = tunefleet_submit(env, *words, "cluster=local", "slurm.nodes=2", f"output.dir={run_dir}")
     metrics = run_dir / "metrics.jsonl"
     deadline = time.time() + 180
     while time.time() < deadline and not (metrics.exists() and len(metrics.read_text().splitlines()) >= 5):
@@ -160,20 +106,16 @@ def test_a_job_warned_before_its_time_limit_checkpoints_requeues_and_matches(slu
     assert_same_adapter(tmp_path / "straight", run_dir)
 
 
-def _job(env, job: str) -> str:
-    return subprocess.run(["scontrol", "show", "job", job], env=env, capture_output=True, text=True).stdout
-
-
 def _field(env, job: str, name: str) -> str:
-    found = re.search(rf"\b{name}=(\S*)", _job(env, job))
+    found = re.search(rf"\b{name}=(\S*)", scontrol_job(env, job))
     return found.group(1) if found else ""
 
 
 def _start_now_when_pending(env, job: str, restarts: int, timeout: float = 120) -> None:
     """Wait for the job's requeue number `restarts`, then skip Slurm's hold before it may run again (about two
     minutes: its old credential is revoked until the first attempt has fully ended)."""
-    assert wait_for(lambda: f"Restarts={restarts}" in _job(env, job) and "JobState=PENDING" in _job(env, job),
-                    timeout), _job(env, job)
+    assert wait_for(lambda: f"Restarts={restarts}" in scontrol_job(env, job) and "JobState=PENDING" in scontrol_job(env, job),
+                    timeout), scontrol_job(env, job)
     time.sleep(5)
     subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], env=env, check=True)
 
@@ -181,15 +123,15 @@ def _start_now_when_pending(env, job: str, restarts: int, timeout: float = 120) 
 def test_cancel_and_failure_are_reported_and_failures_are_not_requeued(slurm, tiny_llama, tmp_path):
     env = job_env(slurm)
     long_run = tmp_path / "long"
-    job = submit(env, "recipe=lora", f"model.name={tiny_llama}", *TRAIN, "train.max_steps=5000", "cluster=local",
+    job = tunefleet_submit(env, "recipe=lora", f"model.name={tiny_llama}", *TRAIN, "train.max_steps=5000", "cluster=local",
                  f"output.dir={long_run}")
     metrics = long_run / "metrics.jsonl"
     assert wait_for(lambda: metrics.exists() and len(metrics.read_text().splitlines()) >= 3, 180)
-    assert cli(env, "cancel", str(long_run)).returncode == 0
+    assert tunefleet(env, "cancel", str(long_run)).returncode == 0
     assert "cancelled" in wait_state(env, long_run, {"cancelled"}, 120)
     # Cancelled mid-training, the run checkpoints on the SIGTERM like a warned job, but is not requeued.
-    assert wait_for(lambda: "JobState=CANCELLED" in _job(env, job), 60), _job(env, job)
-    assert "Restarts=0" in _job(env, job)
+    assert wait_for(lambda: "JobState=CANCELLED" in scontrol_job(env, job), 60), scontrol_job(env, job)
+    assert "Restarts=0" in scontrol_job(env, job)
     log = "".join(p.read_text() for p in (long_run / "slurm").glob("slurm-*.out"))
     assert "was cancelled, so it is not requeued" in log, log[-3000:]
     assert json.loads((long_run / "status.json").read_text())["state"] == "interrupted"
@@ -197,7 +139,7 @@ def test_cancel_and_failure_are_reported_and_failures_are_not_requeued(slurm, ti
     data = tmp_path / "rows.jsonl"
     data.write_text((ROOT / "data" / "wordnet" / "definitions_train.jsonl").read_text())
     sweep = tmp_path / "sweep"
-    done = cli(env, "submit", "recipe=lora", f"model.name={tiny_llama}", *TRAIN, "train.max_steps=3",
+    done = tunefleet(env, "submit", "recipe=lora", f"model.name={tiny_llama}", *TRAIN, "train.max_steps=3",
                f"data.train=data/wordnet/definitions_train.jsonl,{data}", "cluster=local", f"sweep.dir={sweep}")
     assert done.returncode == 0, done.stderr
     data.unlink()
@@ -205,8 +147,8 @@ def test_cancel_and_failure_are_reported_and_failures_are_not_requeued(slurm, ti
     failed = [line for line in table.splitlines() if " failed" in line]
     assert len(failed) == 1, table
     failed_job = json.loads((sweep / "manifest.json").read_text())["runs"][1]["job_id"]
-    assert "Restarts=0" in _job(env, failed_job), "a failure is not requeued"
-    cli(env, "collect", str(sweep))
+    assert "Restarts=0" in scontrol_job(env, failed_job), "a failure is not requeued"
+    tunefleet(env, "collect", str(sweep))
     failures = (sweep / "failures.md").read_text()
     assert "rows.jsonl does not exist" in failures, failures
 
@@ -228,7 +170,7 @@ space:
   train.lr: {{type: float, low: 1.0e-7, high: 3.0e-2, log: true}}
 """)
     folder = tmp_path / "search"
-    done = cli(env, "search", str(spec), "executor=slurm", "cluster=local", f"search.dir={folder}")
+    done = tunefleet(env, "search", str(spec), "executor=slurm", "cluster=local", f"search.dir={folder}")
     assert done.returncode == 0, done.stderr
     manifest = lambda: json.loads((folder / "manifest.json").read_text())  # noqa: E731
     deadline = time.time() + 400
@@ -241,11 +183,11 @@ space:
     assert all(r["job_id"].isdigit() for r in runs)  # real Slurm job ids, one job per trial
     for record in runs:
         assert list((Path(record["run_dir"]) / "slurm").glob("slurm-*.out")), "each trial logs in its own folder"
-    job = _job(env, runs[2]["job_id"])
+    job = scontrol_job(env, runs[2]["job_id"])
     assert "JobState=CANCELLED" in job or not job, job  # pruned: its job was cancelled, not requeued
-    table = cli(env, "status", str(folder)).stdout
+    table = tunefleet(env, "status", str(folder)).stdout
     assert "pruned (step 2)" in table and table.count("finished") == 2
-    assert cli(env, "collect", str(folder)).returncode == 0
+    assert tunefleet(env, "collect", str(folder)).returncode == 0
     assert json.loads((folder / "search.json").read_text())["best"]["params"] == {"train.lr": 0.03}
 
 
@@ -261,7 +203,7 @@ def test_warning_one_array_task_leaves_the_others_alone_and_threads_follow_the_c
     env = job_env(slurm)
     env.pop("OMP_NUM_THREADS")  # the job must size its threads itself, from the 1 CPU each task is given
     sweep = tmp_path / "sweep"
-    done = cli(env, "submit", "recipe=lora", f"model.name={tiny_llama}", *TRAIN, "train.max_steps=200",
+    done = tunefleet(env, "submit", "recipe=lora", f"model.name={tiny_llama}", *TRAIN, "train.max_steps=200",
                "data.max_samples=400", "train.lr=1e-3,2e-3", "cluster=local", "slurm.cpus_per_task=1",
                f"sweep.dir={sweep}")
     assert done.returncode == 0, done.stderr
@@ -275,7 +217,7 @@ def test_warning_one_array_task_leaves_the_others_alone_and_threads_follow_the_c
     subprocess.run(["scancel", "--signal=USR1", "--batch", base], env=env, check=True)
     _start_now_when_pending(env, base, 1)
     wait_state(env, sweep, {"finished"}, 300)
-    assert "Restarts=0" in _job(env, other), _job(env, other)
+    assert "Restarts=0" in scontrol_job(env, other), scontrol_job(env, other)
     by_task = {f"{array}_{i}": run for i, run in enumerate(runs)}
     other_log = "".join(p.read_text() for p in (by_task[other] / "slurm").glob("slurm-*.out"))
     assert "stop request" not in other_log and "resumed from" not in other_log, other_log[-3000:]
@@ -293,7 +235,7 @@ def test_a_stop_before_training_requeues_and_its_checkpoint_may_outlast_torchrun
     # system): the stop request reaches them as a file, not through the agent.
     env = {**job_env(slurm), "TUNEFLEET_TEST_CHECKPOINT_SECONDS": "35"}
     run_dir = tmp_path / "slow-checkpoint"
-    job = submit(env, "recipe=lora", f"model.name={tiny_llama}", *TRAIN, "train.global_batch_size=4",
+    job = tunefleet_submit(env, "recipe=lora", f"model.name={tiny_llama}", *TRAIN, "train.global_batch_size=4",
                  "train.max_steps=400", "train.checkpoint_every=1000", "distributed.num_processes=2", "cluster=local",
                  f"output.dir={run_dir}")
     log = lambda: "".join(p.read_text() for p in (run_dir / "slurm").glob("slurm-*.out"))  # noqa: E731
@@ -304,7 +246,7 @@ def test_a_stop_before_training_requeues_and_its_checkpoint_may_outlast_torchrun
     metrics = run_dir / "metrics.jsonl"
     assert wait_for(lambda: metrics.exists() and len(metrics.read_text().splitlines()) >= 2, 180), log()[-4000:]
     subprocess.run(["scancel", "--signal=USR1", "--batch", job], env=env, check=True)
-    assert wait_for(lambda: "Restarts=2" in _job(env, job), 180), log()[-4000:]
+    assert wait_for(lambda: "Restarts=2" in scontrol_job(env, job), 180), log()[-4000:]
     status = json.loads((run_dir / "status.json").read_text())
     assert status["state"] == "interrupted" and status["step"] > 0, status
     assert [p.name for p in complete_checkpoints(run_dir)] == [f"step-{status['step']:08d}"]
@@ -317,14 +259,14 @@ def test_gpus_asked_for_where_cuda_is_missing_stop_the_run_at_once_naming_the_no
     # SLURM_GPUS_ON_NODE and CUDA_VISIBLE_DEVICES as at a GPU site, but there is no CUDA behind them.
     env = job_env(slurm)
     run_dir = tmp_path / "gpu-run"
-    job = submit(env, "recipe=lora", f"model.name={tiny_llama}", *TRAIN, "train.max_steps=3", "cluster=local",
+    job = tunefleet_submit(env, "recipe=lora", f"model.name={tiny_llama}", *TRAIN, "train.max_steps=3", "cluster=local",
                  "slurm.gpus_per_node=fake:2", "slurm.retries=0", f"output.dir={run_dir}")
-    assert wait_for(lambda: "JobState=FAILED" in _job(env, job), 120), _job(env, job)
+    assert wait_for(lambda: "JobState=FAILED" in scontrol_job(env, job), 120), scontrol_job(env, job)
     log = "".join(p.read_text() for p in (run_dir / "slurm").glob("slurm-*.out"))
     assert "node node1 was given 2 GPU(s) but CUDA is not available there" in log, log[-3000:]
     # The node's fault, not the recipe's: a retry without node1 would follow, were any allowed.
     assert "GPU fault on node1, not the recipe's" in log and "not retried: slurm.retries=0" in log, log[-3000:]
-    assert "Restarts=0" in _job(env, job) and not (run_dir / "metrics.jsonl").exists()
+    assert "Restarts=0" in scontrol_job(env, job) and not (run_dir / "metrics.jsonl").exists()
     assert "#SBATCH --gpus-per-node=fake:2" in (run_dir / "slurm" / "job.sbatch").read_text()
 
 
@@ -333,21 +275,21 @@ def test_a_machine_failure_is_retried_without_its_node_and_a_hang_is_ended_and_r
     # after step 3, attempt 1 stops making progress after step 5; attempt 2 trains to the end.
     env = {**job_env(slurm), "TUNEFLEET_TEST_FAULT": "gpu@3/0,hang@5/1"}
     run_dir = tmp_path / "flaky"
-    job = submit(env, "recipe=lora", f"model.name={tiny_llama}", *TRAIN, "train.max_steps=20",
+    job = tunefleet_submit(env, "recipe=lora", f"model.name={tiny_llama}", *TRAIN, "train.max_steps=20",
                  "train.checkpoint_every=2", "cluster=local", "slurm.retries=2", "slurm.hang_minutes=0.25",
                  f"output.dir={run_dir}")
     _start_now_when_pending(env, job, 1)
     first = json.loads((run_dir / "slurm" / "retries.json").read_text())[0]
     assert first["kind"] == "GPU fault" and len(first["nodes"]) == 1, first
     bad = first["nodes"][0]
-    assert wait_for(lambda: _field(env, job, "ExcNodeList") == bad, 60), _job(env, job)  # the exclusion job did it
+    assert wait_for(lambda: _field(env, job, "ExcNodeList") == bad, 60), scontrol_job(env, job)  # the exclusion job did it
     _start_now_when_pending(env, job, 2)
     assert _field(env, job, "ExcNodeList") == bad
     subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], env=env)
     wait_state(env, run_dir, {"finished", "failed"}, 240)
     retries = json.loads((run_dir / "slurm" / "retries.json").read_text())
     assert [r["kind"] for r in retries] == ["GPU fault", "hang"], retries
-    assert _field(env, job, "NodeList") != bad and "Restarts=2" in _job(env, job)
+    assert _field(env, job, "NodeList") != bad and "Restarts=2" in scontrol_job(env, job)
     log = "".join(p.read_text() for p in (run_dir / "slurm").glob("slurm-*.out"))
     assert f"the next attempt runs without {bad}" in log and "no new step for" in log, log[-4000:]
     assert json.loads((run_dir / "status.json").read_text())["state"] == "finished"

@@ -3,7 +3,6 @@ given (CPUs, a rendezvous port free on the head node, the GPUs each node must ha
 request reaches rank 0, and when a stopped step is requeued. The same paths run against the real
 local Slurm in tests/test_slurm.py and tests/test_slurm_sites.py."""
 
-import os
 import socket
 import sys
 from pathlib import Path

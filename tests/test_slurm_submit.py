@@ -5,12 +5,12 @@ after the image). Marked `slurm` and `slow`."""
 
 import json
 import sys
-from pathlib import Path
 
 import pytest
 
 from tests.helpers import read_jsonl, wait_for
-from tests.test_slurm import ROOT, TRAIN, _job, cli, job_env, slurm, submit, wait_state  # noqa: F401 (fixture)
+from tests.helpers import ROOT
+from tests.slurm_cluster import TRAIN, job_env, scontrol_job, tunefleet, tunefleet_submit, wait_state
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 
@@ -44,18 +44,18 @@ container: {{runtime: apptainer, image: /images/tunefleet.sif}}
     run_dir = tmp_path / "run"
     words = ["recipe=lora", f"model.name={tiny_llama}", *TRAIN, "train.max_steps=100", "data.max_samples=400",
              f"cluster={profile}", f"output.dir={run_dir}"]
-    first = submit(env, *words)
-    again = cli(env, "submit", *words)  # the first job pends or runs
+    first = tunefleet_submit(env, *words)
+    again = tunefleet(env, "submit", *words)  # the first job pends or runs
     assert again.returncode == 2 and f"job {first} (" in again.stderr, again.stdout + again.stderr
     assert f"tunefleet cancel {run_dir}" in again.stderr and "Traceback" not in again.stderr
     metrics = run_dir / "metrics.jsonl"
     assert wait_for(lambda: metrics.exists() and len(metrics.read_text().splitlines()) >= 3, 180)
-    assert cli(env, "cancel", str(run_dir)).returncode == 0
-    assert wait_for(lambda: "JobState=CANCELLED" in _job(env, first), 90), _job(env, first)
+    assert tunefleet(env, "cancel", str(run_dir)).returncode == 0
+    assert wait_for(lambda: "JobState=CANCELLED" in scontrol_job(env, first), 90), scontrol_job(env, first)
     stopped_at = json.loads((run_dir / "status.json").read_text())
     assert stopped_at["state"] == "interrupted", stopped_at
     # "submit it again to continue": the same words, the same folder, from its checkpoint.
-    done = cli(env, "submit", *words)
+    done = tunefleet(env, "submit", *words)
     assert done.returncode == 0 and "continues it" in done.stdout, done.stdout + done.stderr
     second = done.stdout.split("submitted job ")[1].split(":")[0]
     wait_state(env, run_dir, {"finished", "failed"}, 300)
@@ -71,5 +71,5 @@ container: {{runtime: apptainer, image: /images/tunefleet.sif}}
     lines = calls.read_text().splitlines()
     assert [line.startswith(step) for line in lines] == [True, False, True, False], lines
     assert lines[1] == lines[3] == "env set-without-a-shell"
-    finished = cli(env, "submit", *words)
+    finished = tunefleet(env, "submit", *words)
     assert finished.returncode == 2 and "already holds a finished run" in finished.stderr

@@ -244,7 +244,7 @@ def test_a_resumed_run_continues_its_mlflow_run(tiny_llama, tmp_path, monkeypatc
     TensorBoard drops the events of the steps after the checkpoint, so each step appears once there."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    from tests.test_resume import EXACT, crash_after
+    from tests.helpers import RESUMABLE as EXACT, crash_after
 
     needs("mlflow")
     store = f"sqlite:///{tmp_path / 'mlflow.db'}"
@@ -356,7 +356,7 @@ def test_mlflow_server_on_loopback_holds_the_run(mlflow_server, tiny_llama, tmp_
 @pytest.mark.slow
 def test_two_processes_log_once_from_the_main_process(tiny_llama, tmp_path, monkeypatch):
     """World size 2: one MLflow run, each step's value once; one W&B run; the values rank 0 wrote to metrics.jsonl."""
-    from tests.test_backends import launch
+    from tests.helpers import launch
 
     needs("mlflow"), needs("wandb")
     store = f"sqlite:///{tmp_path / 'mlflow.db'}"

@@ -102,11 +102,19 @@ def test_resume_refuses_what_would_reshape_the_rest_of_the_run(change, named, ti
     assert "Loading weights" not in err, "refused before the model loads"
 
 
-def test_resume_accepts_a_new_split_and_schedule_of_saves(tiny_llama, tmp_path):
+def test_resume_accepts_a_new_split_and_schedule_of_saves(tiny_llama, tmp_path, capsys):
     run_in_process("lora", tiny_llama, tmp_path / "run", *RESUMABLE)
     crash_after(tmp_path / "run", 4)
+    capsys.readouterr()
     run_in_process("lora", tiny_llama, tmp_path / "run", *RESUMABLE, "train.resume=auto", "train.micro_batch_size=2",
                    "train.checkpoint_every=1", "train.log_every=2", "eval.batch_size=3")
+    assert "from its newest complete checkpoint step-00000004" in capsys.readouterr().out
+    # Continued from step 4 with the new schedule of saves, not started again.
+    assert [p.name for p in complete_checkpoints(tmp_path / "run")][-2:] == ["step-00000005", "step-00000006"]
+    steps = [r["step"] for r in read_jsonl(tmp_path / "run" / "metrics.jsonl") if "loss" in r]
+    assert steps == sorted(set(steps)) and steps[-1] == 6, steps
+    summary = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert summary["steps"] == 6 and summary["gradient_accumulation_steps"] == 4  # micro batch 2 now: 8 = 2 x 4
 
 
 def test_used_folder_without_resume_is_refused(tiny_llama, tmp_path, capsys):

@@ -1,6 +1,8 @@
 """`tunefleet merge`: the merged model's dtype, the base loaded as in training, one-line errors."""
 
 import json
+import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -100,3 +102,40 @@ def test_merge_loads_base_and_tokenizer_at_the_recipes_revision_and_trust(recipe
     assert {name for name, _ in calls} == {"AutoTokenizer", expected_model}
     for _, kwargs in calls:
         assert kwargs["revision"] == "v1.0" and kwargs["trust_remote_code"] is True
+
+
+def test_a_run_folder_as_model_source_is_the_merge_tunefleet_merge_writes(lora_run, monkeypatch):
+    """One merge path: a run folder named as model.name or distill.teacher gets the weights `tunefleet merge`
+    writes (float32), and both check the files they wrote."""
+    from launcher.model.run_folder import model_from_run, run_artifact
+    from launcher.outputs import artifacts
+
+    checked = []
+    verify = artifacts.verify_artifact
+
+    def verify_and_note(folder, *args, **kwargs):
+        checked.append(folder)
+        verify(folder, *args, **kwargs)
+
+    monkeypatch.setattr(artifacts, "verify_artifact", verify_and_note)
+    merged = artifacts.merge_run(lora_run, artifact=run_artifact(lora_run).name)
+    source = Path(model_from_run(lora_run))  # folded into the model cache, not the run folder
+    assert len(checked) == 2
+    ours, theirs = _tensors(merged), _tensors(source)
+    assert ours.keys() == theirs.keys() and saved_dtypes(source) == {torch.float32}
+    for name, tensor in ours.items():
+        assert torch.equal(tensor, theirs[name]), name
+
+
+def test_an_adapter_copied_without_its_tokenizer_merges_with_the_base_s(lora_run, tiny_llama, tmp_path):
+    from transformers import AutoTokenizer
+
+    from launcher.outputs.artifacts import merge_run
+
+    copy = tmp_path / "run"
+    copy.mkdir()
+    shutil.copy(lora_run / "recipe.yaml", copy)
+    shutil.copytree(lora_run / "final", copy / "final",
+                    ignore=shutil.ignore_patterns("tokenizer*", "special_tokens_map.json", "vocab*", "merges.txt"))
+    merged = merge_run(copy)
+    assert AutoTokenizer.from_pretrained(merged).get_vocab() == AutoTokenizer.from_pretrained(tiny_llama).get_vocab()

@@ -44,3 +44,15 @@ def _test_imports(path: Path) -> set[str]:
         elif isinstance(node, ast.Import):
             found.update(alias.name for alias in node.names)
     return found
+
+
+def test_no_module_imports_another_s_private_helpers():
+    """What two modules share is public in one of them (run files are read through launcher.outputs.run_files):
+    a `_name` imported from elsewhere is a seam nobody named."""
+    reached = set()
+    for path in (ROOT / "launcher").rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("launcher"):
+                reached |= {f"{path.relative_to(ROOT)}: {node.module}.{alias.name}" for alias in node.names
+                            if alias.name.startswith("_")}
+    assert not reached, sorted(reached)

@@ -9,12 +9,12 @@ per run (`tensorboard --logdir SWEEP/tensorboard` shows them side by side).
 from __future__ import annotations
 
 import csv
-import json
 from pathlib import Path
 
 from launcher.cluster.executor import executor_for
-from launcher.cluster.status import RunRow, _metrics_rows, gather
+from launcher.cluster.status import RunRow, gather
 from launcher.errors import UserError
+from launcher.outputs.run_files import RunSummary, read_metric_rows, read_summary
 from launcher.train.evaluate import HIGHER_IS_BETTER
 
 TAIL_LINES = 20
@@ -29,14 +29,14 @@ def failed(row: RunRow) -> bool:
 def _result(row: RunRow) -> dict:
     record = row.record
     run_dir = Path(record["run_dir"])
-    summary = json.loads((run_dir / "metrics.json").read_text()) if (run_dir / "metrics.json").is_file() else {}
-    best = summary.get("best") or {}
-    final = summary.get("eval_final") or {}
+    summary = read_summary(run_dir) or RunSummary()
+    best, final = summary.best, summary.eval_final
     artifact = run_dir / "best" if (run_dir / "best").is_dir() else run_dir / "final"
     return {"run": record["name"], **{k: v for k, v in record.get("overrides", {}).items()}, "state": row.state,
-            "steps": summary.get("steps"), "train_loss": summary.get("train_loss"),
-            "metric": best.get("metric") or next(iter(final), None), "value": best.get("value", final.get("eval_loss")),
-            "best_step": best.get("step"), "runtime_s": summary.get("runtime_s"),
+            "steps": summary.steps, "train_loss": summary.train_loss,
+            "metric": (best.metric if best else None) or next(iter(final), None),
+            "value": best.value if best else final.get("eval_loss"),
+            "best_step": best.step if best else None, "runtime_s": summary.runtime_s,
             "artifact": str(artifact) if artifact.is_dir() else ""}
 
 
@@ -68,7 +68,7 @@ def _plot(sweep_dir: Path, rows: list[RunRow]) -> None:
 
     fig, (train_ax, eval_ax) = plt.subplots(1, 2, figsize=(12, 4.5))
     for row in rows:
-        metrics = _metrics_rows(Path(row.record["run_dir"]))
+        metrics = read_metric_rows(Path(row.record["run_dir"]))
         name = row.record["name"]
         train = [(r["step"], r["loss"]) for r in metrics if "loss" in r]
         evals = [(r["step"], r["eval_loss"]) for r in metrics if "eval_loss" in r]

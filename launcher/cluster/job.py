@@ -87,11 +87,11 @@ def stopped_for_requeue(code: int, run_dir: Path, stop_requested: bool) -> bool:
     would otherwise kill the nodes still finishing their checkpoint as soon as the first one exits.
     The run's own status.json says it was interrupted; a stop that came before training began left
     no status of its own, so a stop this process saw, with the run not finished, counts too."""
-    from launcher.outputs.status import read_status
+    from launcher.outputs.run_files import read_status
 
     if code not in (0, PREEMPTED_EXIT_CODE):
         return False
-    state = read_status(run_dir).get("state")
+    state = read_status(run_dir).state
     return state == "interrupted" or code == PREEMPTED_EXIT_CODE or (stop_requested and state != "finished")
 
 
@@ -110,7 +110,7 @@ def sweep_task_words(words: list[str], environ=os.environ) -> list[str]:
     """For a task of a sweep's job array: its run's words from the manifest, and its output from
     now on appended to the run's own log (one folder per run, across requeues)."""
     from launcher.cluster.submit import SWEEP_TASK_FLAG
-    from launcher.cluster.sweep import read_manifest
+    from launcher.outputs.run_files import read_manifest
 
     if SWEEP_TASK_FLAG not in words:
         return words

@@ -21,17 +21,29 @@ import time
 from pathlib import Path
 
 from launcher.cluster.executor import JobView
-from launcher.cluster.sweep import read_manifest, write_manifest
+from launcher.cluster.sweep import write_manifest
 from launcher.distributed.lifetime import alive
+from launcher.outputs.run_files import read_manifest
 
 POLL_S = 1.0
+RUN_LOG = "local.log"
+
+
+def start_logged(argv: list[str], log: Path, **popen) -> subprocess.Popen:
+    """Start `argv` with its output appended to `log`. The child has its own copy of the file; the
+    parent's is closed at once, or a supervisor or search driver would hold one per process it started."""
+    with open(log, "a") as out:
+        return subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, **popen)
+
+
+def start_run(words: list[str], run_dir: Path, env: dict[str, str] | None = None) -> subprocess.Popen:
+    """`tunefleet run WORDS` on this machine, its output appended to RUN/local.log (env: None inherits ours)."""
+    return start_logged([sys.executable, "-m", "launcher.cli", "run", *words], Path(run_dir) / RUN_LOG, env=env)
 
 
 def start_supervisor(sweep_dir: Path, parallel: int) -> int:
-    log = open(Path(sweep_dir) / "local-executor.log", "a")
-    child = subprocess.Popen([sys.executable, "-m", "launcher.cluster.local_executor", str(sweep_dir), str(parallel)],
-                             stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
-    return child.pid
+    argv = [sys.executable, "-m", "launcher.cluster.local_executor", str(sweep_dir), str(parallel)]
+    return start_logged(argv, Path(sweep_dir) / "local-executor.log", start_new_session=True).pid
 
 
 def running(pid: int | None) -> bool:
@@ -74,10 +86,7 @@ def supervise(sweep_dir: Path, parallel: int) -> int:
             break
         while queue and len(running) < parallel:
             record = queue.pop(0)
-            log = open(Path(record["run_dir"]) / "local.log", "a")
-            child = subprocess.Popen([sys.executable, "-m", "launcher.cli", "run", *record["words"]],
-                                     stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                     env=share_of_cpus(parallel))
+            child = start_run(record["words"], record["run_dir"], env=share_of_cpus(parallel))
             record.update(state="running", pid=child.pid, started=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
             running[child.pid] = (record, child)
             write_manifest(sweep_dir, manifest)
@@ -108,7 +117,7 @@ def cancel(manifest: dict, job_ids: list[str]) -> bool:
 
 
 def log_files(run_dir: Path) -> list[Path]:
-    return [p for p in [Path(run_dir) / "local.log"] if p.is_file()]
+    return [p for p in [Path(run_dir) / RUN_LOG] if p.is_file()]
 
 
 def share_of_cpus(parallel: int, environ=os.environ) -> dict[str, str]:

@@ -18,8 +18,8 @@ from pathlib import Path
 
 from launcher.cluster.executor import SchedulerDidNotAnswer, executor_for
 from launcher.cluster.status import run_state
-from launcher.cluster.sweep import MANIFEST, read_manifest
 from launcher.errors import UserError
+from launcher.outputs.run_files import MANIFEST_FILE, SUBMISSION_FILE, has_submission, is_sweep, read_manifest
 
 USAGE = "usage: tunefleet logs RUN | SWEEP | SWEEP/RUN [-f]"
 SWEEP_TAIL_LINES = 5
@@ -38,14 +38,14 @@ def _split(words: list[str]) -> tuple[Path, bool]:
 def _run_target(path: Path) -> tuple[Path, str]:
     """(the folder whose manifest holds the run, the run's name) for a run folder: one submitted
     alone (its own submission.json) or one inside a sweep."""
-    if (path / "submission.json").is_file() and not (path.parent / MANIFEST).is_file():
+    if has_submission(path) and not is_sweep(path.parent):
         return path, path.name
-    if (path.parent / MANIFEST).is_file():
+    if is_sweep(path.parent):
         names = [r["name"] for r in read_manifest(path.parent)["runs"]]
         if path.name in names:
             return path.parent, path.name
         raise UserError(f"{path.parent} has no run {path.name}; its runs: {', '.join(names) or 'none'}")
-    raise UserError(f"{path} is not a run folder or a sweep folder (no submission.json, no {MANIFEST}); {USAGE}")
+    raise UserError(f"{path} is not a run folder or a sweep folder (no {SUBMISSION_FILE}, no {MANIFEST_FILE}); {USAGE}")
 
 
 def _tail(log: Path, lines: int) -> list[str]:
@@ -120,7 +120,7 @@ def show_run(target: Path, name: str, follow: bool) -> None:
 
 def cmd_logs(words: list[str]) -> int:
     path, follow = _split(words)
-    if (path / MANIFEST).is_file():
+    if is_sweep(path):
         if follow:
             raise UserError(f"{path} is a sweep: follow one of its runs, e.g. tunefleet logs {path}/RUN -f")
         show_sweep(path)

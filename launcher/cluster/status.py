@@ -21,42 +21,29 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from launcher.cluster.executor import JobView, SchedulerDidNotAnswer, executor_for
-from launcher.cluster.sweep import read_manifest, write_manifest
+from launcher.cluster.sweep import write_manifest
 from launcher.errors import UserError
-from launcher.outputs.status import read_status
+from launcher.outputs.run_files import (SUBMISSION_FILE, read_manifest, read_metric_rows, read_status, read_submission,
+                                        read_summary)
 
 COLUMNS = ("run", "overrides", "job", "state", "nodes", "restarts", "step", "loss", "best eval", "elapsed")
-
-
-def _metrics_rows(run_dir: Path) -> list[dict]:
-    path = run_dir / "metrics.jsonl"
-    if not path.is_file():
-        return []
-    rows = []
-    for line in path.read_text().splitlines():
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue  # the line being written right now
-    return rows
 
 
 def run_progress(run_dir: Path) -> dict:
     """Step, total, latest loss, best eval metric and elapsed time, from the run's own files."""
     run_dir = Path(run_dir)
     status = read_status(run_dir)
-    rows = _metrics_rows(run_dir)
+    rows = read_metric_rows(run_dir)
     losses = [r for r in rows if "loss" in r]
-    progress = {"run_status": status.get("state"), "step": status.get("step"), "total": status.get("total_steps"),
+    progress = {"run_status": status.state, "step": status.step, "total": status.total_steps,
                 "loss": losses[-1]["loss"] if losses else None, "best": None, "elapsed": None}
     if losses and (progress["step"] is None or losses[-1]["step"] > progress["step"]):
         progress["step"] = losses[-1]["step"]
-    summary = run_dir / "metrics.json"
-    if summary.is_file():
-        result = json.loads(summary.read_text())
-        progress["elapsed"] = result.get("runtime_s")
-        if result.get("best"):
-            progress["best"] = f"{result['best']['metric']}={result['best']['value']:.4f}"
+    summary = read_summary(run_dir)
+    if summary is not None:
+        progress["elapsed"] = summary.runtime_s
+        if summary.best:
+            progress["best"] = f"{summary.best.metric}={summary.best.value:.4f}"
     if progress["best"] is None:
         evals = [r["eval_loss"] for r in rows if "eval_loss" in r]
         progress["best"] = f"eval_loss={min(evals):.4f}" if evals else None
@@ -108,7 +95,7 @@ def run_state(record: dict, jobs: dict[str, JobView] | None) -> RunState:
         reason = f" ({view.reason})" if view.state == "pending" and view.reason else ""
         return RunState(view.state + reason, False, restarts, "" if view.state == "pending" else view.nodes)
     left = jobs is not None  # the scheduler answered and does not list the job as live
-    own = read_status(Path(record["run_dir"])).get("state")
+    own = read_status(Path(record["run_dir"])).state
     if record.get("state") in ("pruned", "pruning"):  # a search stopped it (launcher.search.driver)
         return RunState(f"pruned (step {record.get('pruned_at', '?')})", left or record["state"] == "pruned", restarts)
     if record.get("state") == "cancelled" and own != "finished":
@@ -244,10 +231,10 @@ def cmd_cancel(words: list[str]) -> int:
         write_manifest(Path(manifest["sweep_dir"]), manifest)
     else:
         run_dir = Path(manifest["runs"][0]["run_dir"])
-        record = json.loads((run_dir / "submission.json").read_text())
+        record = read_submission(run_dir)
         if live:
             record["state"] = "cancelled"
-            (run_dir / "submission.json").write_text(json.dumps(record, indent=1) + "\n")
+            (run_dir / SUBMISSION_FILE).write_text(json.dumps(record, indent=1) + "\n")
     print(f"[tunefleet] cancelled {len(live)} of {len(rows)} run(s)"
           + (": " + ", ".join(row.record["name"] for row in live) if live else " (nothing was queued or running)"))
     return 0

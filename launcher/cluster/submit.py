@@ -22,7 +22,6 @@ pends or runs is refused (launcher.cluster.claim); a finished run is never submi
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import shlex
@@ -38,12 +37,12 @@ from launcher.cluster.job_settings import SETTINGS_FILE, Container, JobSettings
 from launcher.cluster.profiles import ClusterProfile, check_mount, load_profile
 from launcher.cluster.render import render, render_collect, safe_job_name, template_for
 from launcher.errors import UserError
+from launcher.outputs.run_files import SUBMISSION_FILE, is_finished, is_sweep, read_manifest, read_submission
 
 # Stands in for the head node while validating at submission; each node gets the real one in the job.
 HEAD_PLACEHOLDER = "slurm-head-node"
 SWEEP_TASK_FLAG = "--sweep-task"  # the job picks its run from the sweep's manifest by array index
 SBATCH_TIMEOUT_S = 120
-SUBMISSION = "submission.json"
 
 
 @dataclass
@@ -134,11 +133,6 @@ def _preflight(recipe, name: str, continues: bool) -> None:
     preflight(recipe.model_copy(update={"train": recipe.train.model_copy(update={"resume": resume})}), name)
 
 
-def read_submission(run_dir: Path) -> dict | None:
-    path = run_dir / SUBMISSION
-    return json.loads(path.read_text()) if path.is_file() else None
-
-
 def _same_words(folder: Path, recorded: list[str], words: list[str], how: str) -> None:
     if recorded != words:
         gone = [w for w in recorded if w not in words]
@@ -149,7 +143,6 @@ def _same_words(folder: Path, recorded: list[str], words: list[str], how: str) -
 
 def _plan_single(recipe_words: list[str], layout: list[str]) -> tuple[Planned, dict | None]:
     from launcher.outputs.run_dir import check_free, render_dir
-    from launcher.outputs.status import is_finished
 
     words = [*recipe_words, *layout]
     name, recipe = _check(words)
@@ -170,9 +163,7 @@ def _plan_single(recipe_words: list[str], layout: list[str]) -> tuple[Planned, d
 
 
 def _plan_sweep(grid: list[dict[str, str]], layout: list[str], sweep_dir: Path) -> tuple[list[Planned], dict | None]:
-    from launcher.outputs.status import is_finished
-
-    earlier = sweeps.read_manifest(sweep_dir) if (sweep_dir / sweeps.MANIFEST).exists() else None
+    earlier = read_manifest(sweep_dir) if is_sweep(sweep_dir) else None
     if earlier is not None and (earlier.get("executor") != "slurm" or "search" in earlier):
         raise UserError(f"sweep.dir={sweep_dir} already holds a sweep run by executor={earlier.get('executor')}"
                         f"{' (a search)' if 'search' in earlier else ''}; choose another sweep.dir")
@@ -215,7 +206,7 @@ def _plan_runs(recipe_words: list[str], profile: ClusterProfile, options: Submit
         run, earlier = _plan_single(recipe_words, layout)
         return [run], None, earlier
     sweep_dir = render_dir(options.sweep_dir or "runs/sweep-{time}", "sweep", key="sweep.dir").resolve()
-    if options.executor == "local" and (sweep_dir / sweeps.MANIFEST).exists():
+    if options.executor == "local" and is_sweep(sweep_dir):
         raise UserError(f"sweep.dir={sweep_dir} already holds a sweep; choose another sweep.dir")
     runs, earlier = _plan_sweep(grid, layout, sweep_dir)
     return runs, sweep_dir, earlier
@@ -357,7 +348,7 @@ def _submit_single(sub: Submission) -> str:
     from launcher.outputs.run_dir import write_json
 
     run = sub.runs[0]
-    submission = run.run_dir / SUBMISSION
+    submission = run.run_dir / SUBMISSION_FILE
     script_path = Path(sub.sbatch_argv[-1])
     earlier = read_submission(run.run_dir)  # read again under the claim: the latest job id
     live = live_jobs(script_path, [(earlier or {}).get("job_id")])
@@ -385,7 +376,7 @@ def _submit_sweep(sub: Submission) -> tuple[str, list[int]]:
         manifest = sweeps.new_manifest(sweep_dir, [_new_record(r) for r in sub.runs], "slurm")
         indices = list(range(len(sub.runs)))
     else:
-        manifest = sweeps.read_manifest(sweep_dir)  # read again under the claim: the latest job ids
+        manifest = read_manifest(sweep_dir)  # read again under the claim: the latest job ids
         records = manifest["runs"]
         live = live_jobs(script_path, [r.get("job_id") for r in records])
         unknown = {job: state for job, state in live.items() if job not in {r.get("job_id") for r in records}}
@@ -490,7 +481,7 @@ def cmd_submit(words: list[str]) -> int:
     with claimed(sub.sweep_dir):
         job_id, indices = _submit_sweep(sub)
     which = f"runs {','.join(map(str, indices))} of {len(sub.runs)}" if sub.earlier else f"{len(sub.runs)} runs"
-    manifest = sweeps.read_manifest(sub.sweep_dir)
+    manifest = read_manifest(sub.sweep_dir)
     collect = (f"; job {manifest['collect_job_id']} collects the results when it ends"
                if manifest.get("collect_job_id") else "")
     print(f"[tunefleet] submitted job array {job_id} with {which}; sweep folder {sub.sweep_dir} "

@@ -6,7 +6,7 @@ A word whose value holds top-level commas (`key=a,b,c`) is a sweep axis; bracket
 their commas (`peft.target_modules=[q_proj,v_proj]` is one value). Each run's folder is named
 after the values that differ between runs, inside the sweep folder, and SWEEP/manifest.json
 records every run: its words, folder, job id, state and restarts. The manifest is the one record
-that `tunefleet status`, `cancel` and `collect` read.
+that `tunefleet status`, `cancel` and `collect` read (through launcher.outputs.run_files).
 """
 
 from __future__ import annotations
@@ -18,8 +18,7 @@ import time
 from pathlib import Path
 
 from launcher.errors import UserError
-
-MANIFEST = "manifest.json"
+from launcher.outputs.run_files import MANIFEST_FILE
 
 
 def split_values(value: str) -> list[str]:
@@ -91,22 +90,10 @@ def new_manifest(sweep_dir: Path, runs: list[dict], executor: str) -> dict:
 def write_manifest(sweep_dir: Path, manifest: dict) -> None:
     from launcher.outputs.atomic import write_text_atomic
 
-    write_text_atomic(Path(sweep_dir) / MANIFEST, json.dumps(manifest, indent=1) + "\n")
+    write_text_atomic(Path(sweep_dir) / MANIFEST_FILE, json.dumps(manifest, indent=1) + "\n")
 
 
-def read_manifest(path: Path) -> dict:
-    """The manifest of a sweep folder, or a one-run manifest for a run folder submitted alone."""
-    path = Path(path)
-    if (path / MANIFEST).is_file():
-        return json.loads((path / MANIFEST).read_text())
-    if (path / "submission.json").is_file():
-        record = json.loads((path / "submission.json").read_text())
-        return {"sweep_dir": None, "executor": record.get("executor", "slurm"),
-                "runs": [{"name": path.name, "run_dir": str(path), "overrides": {}, **record}]}
-    raise UserError(f"{path} is neither a sweep folder (no {MANIFEST}) nor a submitted run (no submission.json)")
-
-
-def _word_value(value) -> str:
+def word_value(value) -> str:
     """A YAML value as the command-line text an override would carry."""
     if isinstance(value, str):
         return value
@@ -150,8 +137,8 @@ def load_sweep_file(path: str) -> list[dict[str, str]]:
     for combo in itertools.product(*grid.values()):
         for pair in paired:
             run = dict(base)
-            run.update({k: _word_value(v) for k, v in zip(grid, combo)})
-            run.update({k: _word_value(v) for k, v in pair.items()})
+            run.update({k: word_value(v) for k, v in zip(grid, combo)})
+            run.update({k: word_value(v) for k, v in pair.items()})
             runs.append(run)
     return runs
 

@@ -9,7 +9,6 @@ never written to: it may be someone else's, or shipped read-only.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from launcher.cache import build_once, cache_root, digest
@@ -44,34 +43,17 @@ def model_from_run(run_dir: Path) -> str:
     if not target.exists():
         print(f"[tunefleet] folding the adapter of {artifact} into its base once (cached in {target.parent})",
               flush=True)
-    return str(build_once(target, lambda tmp: _merge_adapter(run_dir, artifact, tmp)))
+    return str(build_once(target, lambda tmp: _write_merged(run_dir, artifact, tmp)))
 
 
-def _merge_adapter(run_dir: Path, artifact: Path, out: Path) -> None:
-    import torch
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
-
+def _write_merged(run_dir: Path, artifact: Path, out: Path) -> None:
     from launcher.config.compat import MERGEABLE
     from launcher.config.load import load_recipe
-    from launcher.model.sources import materialize
+    from launcher.outputs.artifacts import merge_adapter
 
     _, recipe = load_recipe([f"recipe={run_dir / 'recipe.yaml'}"])
     if recipe.peft.method not in MERGEABLE:
         raise UserError(f"{run_dir} trained peft.method={recipe.peft.method}, which cannot be folded into its base "
                         f"to make one model; a run folder source needs {', '.join(MERGEABLE)} or a full model")
-    base_path = materialize(recipe.model.name)
-    hub = {"revision": recipe.model.revision, "trust_remote_code": recipe.model.trust_remote_code}
-    if recipe.model.task == "classification":
-        labels_file = artifact / "labels.json"
-        names = json.loads(labels_file.read_text()) if labels_file.is_file() else None
-        labels = ({"num_labels": len(names), "id2label": dict(enumerate(names)),
-                   "label2id": {n: i for i, n in enumerate(names)}} if names else {})
-        base = AutoModelForSequenceClassification.from_pretrained(base_path, dtype=torch.float32, **hub, **labels)
-    else:
-        base = AutoModelForCausalLM.from_pretrained(base_path, dtype=torch.float32, **hub)
-    merged = PeftModel.from_pretrained(base, str(artifact)).merge_and_unload()
-    merged.save_pretrained(str(out))
-    # The run saves its tokenizer with the adapter; a trimmed copy (no tokenizer files) falls back to the base's.
-    has_tokenizer = any((artifact / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json"))
-    AutoTokenizer.from_pretrained(str(artifact) if has_tokenizer else base_path, **hub).save_pretrained(str(out))
+    # Cached in float32: whoever loads it (a teacher, a student's base) casts to the dtype it computes in.
+    merge_adapter(recipe, artifact, out, dtype="float32")

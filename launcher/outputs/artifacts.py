@@ -158,19 +158,9 @@ def check_merge_dtype(dtype: str) -> None:
 
 
 def merge_run(run_dir: Path, artifact: str = "final", dtype: str = "float32") -> Path:
-    """Fold a run's adapter into its base model and save the result as run_dir/merged, in `dtype`.
-
-    The base is loaded from model.name at model.revision, with model.trust_remote_code, as in
-    training. The merge itself runs in float32 and the result is cast afterwards, so a
-    bfloat16/float16 artifact is rounded once, not at every step of the fold.
-    """
-    import torch
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
-
-    from launcher.config.load import load_recipe
+    """Fold a run's adapter into its base model and save the result as run_dir/merged, in `dtype`."""
     from launcher.config.compat import MERGEABLE
-    from launcher.model.sources import materialize
+    from launcher.config.load import load_recipe
 
     check_merge_dtype(dtype)
     recipe_file = run_dir / "recipe.yaml"
@@ -180,10 +170,35 @@ def merge_run(run_dir: Path, artifact: str = "final", dtype: str = "float32") ->
     _, recipe = load_recipe([f"recipe={recipe_file}"])
     if recipe.peft.method not in MERGEABLE:
         raise UserError(f"peft.method={recipe.peft.method} cannot be merged into the base weights")
+    out = run_dir / "merged"
+    tmp = out.with_name("merged.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    merge_adapter(recipe, adapter_dir, tmp, dtype)
+    replace_dir(tmp, out)
+    return out
+
+
+def merge_adapter(recipe, adapter_dir: Path, out: Path, dtype: str = "float32") -> None:
+    """Fold the adapter saved in `adapter_dir` into the base model of the run's `recipe`; write the merged
+    model, in `dtype`, and its tokenizer to `out` (a fresh folder the caller publishes), then check the files.
+
+    The one merge `tunefleet merge`, output.merge and a run folder used as a model source all go through.
+    The base is loaded from model.name at model.revision, with model.trust_remote_code, as in training.
+    The merge itself runs in float32 and the result is cast afterwards, so a bfloat16/float16 artifact is
+    rounded once, not at every step of the fold.
+    """
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+
+    from launcher.model.sources import materialize
+
     base_path = materialize(recipe.model.name)
     hub = {"revision": recipe.model.revision, "trust_remote_code": recipe.model.trust_remote_code}
-    # The run saved its tokenizer next to the adapter; custom tokenizer code still comes from the base repo.
-    tokenizer = AutoTokenizer.from_pretrained(adapter_dir, **hub)
+    # The run saves its tokenizer next to the adapter (custom tokenizer code still comes from the base
+    # repo); a trimmed copy of the folder without tokenizer files falls back to the base's.
+    has_tokenizer = any((adapter_dir / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json"))
+    tokenizer = AutoTokenizer.from_pretrained(str(adapter_dir) if has_tokenizer else base_path, **hub)
     # The base is loaded unquantized even for QLoRA: merging into 4-bit weights would round the update away.
     if recipe.model.task == "classification":
         base = AutoModelForSequenceClassification.from_pretrained(base_path, dtype=torch.float32, **hub,
@@ -191,14 +206,9 @@ def merge_run(run_dir: Path, artifact: str = "final", dtype: str = "float32") ->
     else:
         base = AutoModelForCausalLM.from_pretrained(base_path, dtype=torch.float32, **hub)
     merged = PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload().to(getattr(torch, dtype))
-    out = run_dir / "merged"
-    tmp = out.with_name("merged.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    merged.save_pretrained(str(tmp))
-    tokenizer.save_pretrained(str(tmp))
-    verify_artifact(tmp, expected_tensors(merged), is_adapter=False)
-    replace_dir(tmp, out)
-    return out
+    merged.save_pretrained(str(out))
+    tokenizer.save_pretrained(str(out))
+    verify_artifact(out, expected_tensors(merged), is_adapter=False)
 
 
 def _label_kwargs(adapter_dir: Path) -> dict:

@@ -12,6 +12,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from launcher.outputs.run_files import METRICS_ROWS_FILE
+
 
 class MetricsLog:
     def __init__(self, run_dir: Path | None, accelerator=None):
@@ -22,7 +24,7 @@ class MetricsLog:
 
     @property
     def path(self) -> Path:
-        return self.run_dir / "metrics.jsonl"
+        return self.run_dir / METRICS_ROWS_FILE
 
     def truncate_after(self, step: int) -> None:
         if self.run_dir is None or not self.path.exists():

@@ -10,8 +10,9 @@ from pathlib import Path
 import yaml
 
 from launcher.errors import UserError
+from launcher.outputs.run_files import METRICS_ROWS_FILE
 
-RUN_MARKERS = ("recipe.yaml", "metrics.jsonl")
+RUN_MARKERS = ("recipe.yaml", METRICS_ROWS_FILE)
 
 
 def render_dir(template: str, recipe_name: str, key: str = "output.dir") -> Path:

@@ -2,7 +2,8 @@
 
 States: running (training started), interrupted (a stop signal: a checkpoint was written and the
 run can continue with train.resume=auto), finished (final artifacts and metrics.json written),
-failed (an error ended it; the message is recorded). Written by the main process only, atomically.
+failed (an error ended it; the message is recorded). Written by the main process only, atomically;
+read through launcher.outputs.run_files.
 """
 
 from __future__ import annotations
@@ -12,8 +13,8 @@ import socket
 import time
 from pathlib import Path
 
-STATUS_FILE = "status.json"
-FINISHED = "finished"
+# is_finished is imported from here by launcher.train.resume.
+from launcher.outputs.run_files import FINISHED, STATUS_FILE, is_finished  # noqa: F401
 
 
 def write_status(run_dir: Path, state: str, **details) -> None:
@@ -21,20 +22,3 @@ def write_status(run_dir: Path, state: str, **details) -> None:
 
     record = {"state": state, "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "host": socket.gethostname(), **details}
     write_text_atomic(Path(run_dir) / STATUS_FILE, json.dumps(record, indent=1) + "\n")
-
-
-def read_status(run_dir: Path) -> dict:
-    """The recorded status; runs written before status.json existed count as finished if metrics.json is there."""
-    path = Path(run_dir) / STATUS_FILE
-    if path.is_file():
-        try:
-            return json.loads(path.read_text())
-        except json.JSONDecodeError:
-            return {"state": "unknown"}
-    if (Path(run_dir) / "metrics.json").is_file():
-        return {"state": FINISHED}
-    return {}
-
-
-def is_finished(run_dir: Path) -> bool:
-    return read_status(run_dir).get("state") == FINISHED

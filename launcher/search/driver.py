@@ -21,19 +21,19 @@ the driver runs is recorded with a heartbeat, for commands typed on other hosts 
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import signal
 import socket
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 from launcher.cluster.executor import SchedulerDidNotAnswer
-from launcher.cluster.sweep import _word_value, new_manifest, read_manifest, write_manifest
+from launcher.cluster.local_executor import RUN_LOG, start_logged
+from launcher.cluster.sweep import new_manifest, word_value, write_manifest
 from launcher.errors import UserError
+from launcher.outputs.run_files import has_submission, is_sweep, metric_points, read_manifest, read_summary
 from launcher.search.presence import beat, beat_in_background, clear_stop_request, driver_seen, stop_requested
 from launcher.search.space import SearchSpec, check_spec, load_search_file
 from launcher.search.trials import EXECUTORS
@@ -83,22 +83,14 @@ def open_study(sweep_dir: Path, spec: SearchSpec, direction: str):
 # ---------------------------------------------------------------------------- one trial's run
 
 
-def _eval_points(run_dir: Path, metric: str) -> list[tuple[int, float]]:
-    from launcher.cluster.status import _metrics_rows
-
-    return [(row["step"], row[metric]) for row in _metrics_rows(run_dir) if metric in row and "step" in row]
-
-
 def final_value(run_dir: Path, metric: str) -> float | None:
     """The trial's result: the best value of the metric the run kept (its artifact), else the last one."""
-    path = Path(run_dir) / "metrics.json"
-    if not path.is_file():
+    summary = read_summary(run_dir)
+    if summary is None:
         return None
-    summary = json.loads(path.read_text())
-    best = summary.get("best") or {}
-    if best.get("metric") == metric:
-        return best["value"]
-    return (summary.get("eval_final") or {}).get(metric)
+    if summary.best and summary.best.metric == metric:
+        return summary.best.value
+    return summary.eval_final.get(metric)
 
 
 class Driver:
@@ -177,7 +169,7 @@ class Driver:
 
         trial = trial or self.study.ask()
         values = {p.key: p.suggest(trial) for p in self.spec.params}
-        overrides = {key: _word_value(value) for key, value in values.items()}  # as a sweep's: command-line text
+        overrides = {key: word_value(value) for key, value in values.items()}  # as a sweep's: command-line text
         name = f"trial-{trial.number:03d}"
         run_dir = self.sweep_dir / name
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -187,7 +179,7 @@ class Driver:
 
             load_recipe(words)  # the ranges were checked at their ends; a combination may still be refused
         except UserError as err:
-            (run_dir / "local.log").write_text(f"error: {err}\n")
+            (run_dir / RUN_LOG).write_text(f"error: {err}\n")
             self.manifest["runs"].append({"name": name, "trial": trial.number, "run_dir": str(run_dir), "words": words,
                                           "overrides": overrides, "job_id": name, "state": "failed", "error": str(err)})
             self.study.tell(trial, state=TrialState.FAIL)
@@ -215,7 +207,7 @@ class Driver:
 
         trial = self.trials.get(record["trial"])  # none for a pruned trial whose run is still stopping
         if record["state"] == "running" and trial is not None:
-            for step, value in _eval_points(Path(record["run_dir"]), self.metric):
+            for step, value in metric_points(Path(record["run_dir"]), self.metric):
                 if step > record["reported_step"]:
                     trial.report(value, step)
                     record["reported_step"] = step
@@ -305,7 +297,7 @@ class Driver:
                 continue  # submitted again by the loop
             if record["state"] == "starting":  # the driver died while starting it
                 run_dir = Path(record["run_dir"])
-                if not any((run_dir / f).exists() for f in ("local.log", "submission.json")):
+                if not ((run_dir / RUN_LOG).exists() or has_submission(run_dir)):
                     self.launch(record)  # it never started
                     continue
                 # It may be running, untracked: starting it again would put two runs in one folder.
@@ -377,10 +369,8 @@ class Driver:
 
 
 def _start_driver(sweep_dir: Path) -> int:
-    log = open(sweep_dir / "search-driver.log", "a")
-    child = subprocess.Popen([sys.executable, "-m", "launcher.search.driver", str(sweep_dir)], stdout=log,
-                             stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
-    return child.pid
+    argv = [sys.executable, "-m", "launcher.search.driver", str(sweep_dir)]
+    return start_logged(argv, sweep_dir / "search-driver.log", start_new_session=True).pid
 
 
 def _split(words: list[str]) -> tuple[str | None, str | None, str, list[str], list[str]]:
@@ -441,7 +431,7 @@ def cmd_search(words: list[str]) -> int:
         options = split_submit_words(executor_words)[1]
         load_profile(options.cluster, options.slurm)  # a bad profile or slurm.* key is named now, not per trial
     sweep_dir = Path(folder or f"runs/search-{time.strftime('%Y%m%d-%H%M%S')}").resolve()
-    if (sweep_dir / "manifest.json").exists():
+    if is_sweep(sweep_dir):
         raise UserError(f"{sweep_dir} already holds a sweep or search; continue it with tunefleet search {sweep_dir}")
     sweep_dir.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(target, sweep_dir / SPEC_COPY)  # the search continues with the file it started with

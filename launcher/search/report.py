@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from launcher.outputs.run_files import metric_points
 from launcher.search.driver import SPEC_COPY, open_study
 from launcher.search.space import load_search_file
 
@@ -80,9 +81,7 @@ def write_search_report(sweep_dir: Path, manifest: dict) -> dict:
     # A pruned trial has no value; plot it at its last reported one, so the plot shows where it stood.
     for trial in summary["trials"]:
         if trial["state"] == "pruned" and trial["value"] is None and trial["last_step"] is not None:
-            from launcher.search.driver import _eval_points
-
-            points = dict(_eval_points(Path(trial["run_dir"]), summary["metric"])) if trial["run_dir"] else {}
+            points = dict(metric_points(Path(trial["run_dir"]), summary["metric"])) if trial["run_dir"] else {}
             trial["value"] = points.get(trial["last_step"])
     (sweep_dir / "search.json").write_text(json.dumps(summary, indent=1, default=str) + "\n")
     _plot(sweep_dir / "search.png", summary)

@@ -81,9 +81,9 @@ class SearchSpec:
 
     def words_for(self, values: dict) -> list[str]:
         """The run's words: the base, then each searched key's value."""
-        from launcher.cluster.sweep import _word_value
+        from launcher.cluster.sweep import word_value
 
-        return [*self.base, *(f"{p.key}={_word_value(values[p.key])}" for p in self.params)]
+        return [*self.base, *(f"{p.key}={word_value(values[p.key])}" for p in self.params)]
 
 
 def _param(key: str, entry, where: str) -> Param:

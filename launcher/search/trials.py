@@ -10,11 +10,10 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import sys
 import time
-from pathlib import Path
 
 from launcher.cluster.executor import JobView, SchedulerDidNotAnswer
+from launcher.cluster.local_executor import start_run
 from launcher.distributed.lifetime import alive
 
 POLL_S = 1.0
@@ -28,9 +27,7 @@ class LocalTrials:
         self.children: dict[int, subprocess.Popen] = {}
 
     def start(self, record: dict) -> None:
-        log = open(Path(record["run_dir"]) / "local.log", "a")
-        child = subprocess.Popen([sys.executable, "-m", "launcher.cli", "run", *record["words"]],
-                                 stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        child = start_run(record["words"], record["run_dir"])
         self.children[child.pid] = child
         record.update(pid=child.pid, job_id=record["name"])
 

@@ -18,6 +18,12 @@ ROOT = Path(__file__).resolve().parents[1]
 SHIPPED_RECIPES = sorted(p.stem for p in (ROOT / "recipes").glob("*.yaml"))
 
 
+def clean_environment(**extra) -> dict:
+    """This environment without what would put a checkout or a user's folders on the installed tool's path."""
+    unset = ("PYTHONPATH", "TUNEFLEET_RECIPES", "TUNEFLEET_CLUSTERS")
+    return {**{k: v for k, v in os.environ.items() if k not in unset}, **extra}
+
+
 @pytest.fixture(scope="module")
 def installed(tmp_path_factory):
     base = tmp_path_factory.mktemp("install")
@@ -25,12 +31,13 @@ def installed(tmp_path_factory):
                     str(base / "wheel"), str(ROOT)], check=True, capture_output=True, text=True)
     wheel = next((base / "wheel").glob("tunefleet-*.whl"))
     venv = base / "venv"
-    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, env=clean_environment())
     python = venv / "bin" / "python"
     site = subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
-                          check=True, capture_output=True, text=True).stdout.strip()
+                          check=True, capture_output=True, text=True, env=clean_environment()).stdout.strip()
     Path(site, "dependencies.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
-    subprocess.run([str(python), "-m", "pip", "install", "-q", "--no-deps", str(wheel)], check=True)
+    subprocess.run([str(python), "-m", "pip", "install", "-q", "--no-deps", str(wheel)], check=True,
+                   env=clean_environment())
     elsewhere = base / "elsewhere"
     elsewhere.mkdir()
     return venv, elsewhere
@@ -38,15 +45,14 @@ def installed(tmp_path_factory):
 
 def tunefleet(installed, *words, env=None):
     venv, elsewhere = installed
-    clean = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "TUNEFLEET_RECIPES", "TUNEFLEET_CLUSTERS")}
-    return subprocess.run([str(venv / "bin" / "tunefleet"), *words], cwd=elsewhere, env={**clean, **(env or {})},
+    return subprocess.run([str(venv / "bin" / "tunefleet"), *words], cwd=elsewhere, env=clean_environment(**(env or {})),
                           capture_output=True, text=True, timeout=300)
 
 
 def test_the_installed_package_is_the_wheel_not_this_checkout(installed):
     venv, elsewhere = installed
     where = subprocess.run([str(venv / "bin" / "python"), "-c", "import launcher; print(launcher.__file__)"],
-                           cwd=elsewhere, capture_output=True, text=True, check=True).stdout
+                           cwd=elsewhere, capture_output=True, text=True, check=True, env=clean_environment()).stdout
     assert where.startswith(str(venv)), where
 
 

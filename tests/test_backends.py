@@ -61,24 +61,39 @@ METHOD_WORDS = {
 }
 
 
+@pytest.fixture(scope="module")
+def one_process_run(tmp_path_factory):
+    """A method's run in one process (same global batch), made once and compared with every sharded backend."""
+    made: dict[str, Path] = {}
+
+    def run(method: str, recipe: str, model: Path, *words: str) -> Path:
+        if method not in made:
+            made[method] = tmp_path_factory.mktemp(f"one-{method}") / "run"
+            run_in_process(recipe, model, made[method], *words)
+        return made[method]
+
+    return run
+
+
 @pytest.mark.parametrize("sharding", ["zero3", "fsdp"])
 @pytest.mark.parametrize("method", list(METHOD_WORDS))
-def test_every_method_runs_sharded_and_saves_what_one_process_saves(method, sharding, tiny_llama, tiny_bert, tmp_path):
+def test_every_method_runs_sharded_and_saves_what_one_process_saves(method, sharding, tiny_llama, tiny_bert, tmp_path,
+                                                                    one_process_run):
     recipe, words = METHOD_WORDS[method]
     model = tiny_bert if recipe.startswith("classify") else tiny_llama
     common = ["eval.every_steps=null", "train.max_steps=2", "eval.sample_prompts=[]", *words]
     launch(tmp_path / "run", recipe, model, *common, *BACKENDS[sharding])
-    run_in_process(recipe, model, tmp_path / "one", *common)  # same global batch, one process
+    one = one_process_run(method, recipe, model, *common)
     records = ranks(tmp_path / "run")
     assert all(r["local_param_elements"] < r["total_param_elements"] for r in records)
     # An adapter's save gathers the adapter, not the model (rank 0's host memory at scale).
     gathered = next(r["gathered_elements"] for r in records if r["rank"] == 0)
-    if (tmp_path / "one" / "final" / "adapter_config.json").exists():
+    if (one / "final" / "adapter_config.json").exists():
         trainable = json.loads((tmp_path / "run" / "metrics.json").read_text())["trainable_params"]
         assert gathered == trainable
     else:
         assert gathered >= records[0]["total_param_elements"]
-    assert_same_artifact(tmp_path / "run", tmp_path / "one")
+    assert_same_artifact(tmp_path / "run", one)
 
 
 @pytest.mark.parametrize("backend", ["ddp", "zero2"])

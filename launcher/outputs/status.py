@@ -13,8 +13,7 @@ import socket
 import time
 from pathlib import Path
 
-# is_finished is imported from here by launcher.train.resume.
-from launcher.outputs.run_files import FINISHED, STATUS_FILE, is_finished  # noqa: F401
+from launcher.outputs.run_files import STATUS_FILE
 
 
 def write_status(run_dir: Path, state: str, **details) -> None:

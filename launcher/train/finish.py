@@ -6,7 +6,8 @@ import json
 from typing import TYPE_CHECKING, Callable
 
 from launcher.outputs.run_dir import write_json
-from launcher.outputs.status import FINISHED, write_status
+from launcher.outputs.run_files import FINISHED
+from launcher.outputs.status import write_status
 from launcher.train.build import announce
 from launcher.train.report import generate_samples, peak_memory_mb, write_rank_summary
 from launcher.train.selection import eval_key, publish_best, save_run_artifact

@@ -20,7 +20,7 @@ from pathlib import Path
 from launcher.config.compat import split_batch
 from launcher.errors import UserError
 from launcher.outputs.run_dir import check_free, render_dir
-from launcher.outputs.status import is_finished
+from launcher.outputs.run_files import is_finished
 from launcher.train.checkpoint import STATE_FILE, complete_checkpoints, read_state
 
 # Keys that may differ between the run that wrote a checkpoint and the run that resumes it: the

@@ -245,3 +245,18 @@ warnings.warn_explicit("our FutureWarning", FutureWarning, "z.py", 3, module="la
     assert done.returncode == 0, done.stderr
     said = [m for m in ("library FutureWarning", "library UserWarning", "our FutureWarning") if m in done.stderr]
     assert said == shown, done.stderr
+
+
+def test_no_gpu_driver_means_no_gpu_without_asking_torch(monkeypatch):
+    """`tunefleet run` skips importing torch (1.2 s) where no GPU driver exists; with one, torch decides."""
+    from launcher import launch
+
+    monkeypatch.setattr(launch.os.path, "exists", lambda path: False)
+    monkeypatch.setitem(sys.modules, "torch", None)  # an import of torch would now raise
+    assert launch.has_usable_gpu() is False
+    monkeypatch.undo()
+    import torch
+
+    monkeypatch.setattr(launch.os.path, "exists", lambda path: path == "/dev/nvidiactl")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert launch.has_usable_gpu() is True

@@ -337,14 +337,14 @@ ACTIVATION_CASES = [  # recipe words; the fit runs each in float32 and under CPU
 
 
 def activation_case(words: list[str], autocast: bool, rows: int = 2, length: int = 64) -> dict:
-    """Bytes one micro batch keeps for backward, measured (tests/test_plan.py's kept_for_backward) and planned."""
+    """Bytes one micro batch keeps for backward, measured (tests/memory_probe.py's kept_for_backward) and planned."""
     import torch
 
     from launcher.config.load import load_recipe
     from launcher.planning.activations import Run, activation_bytes
     from launcher.planning.params import trainable
     from launcher.planning.shapes import read_shape
-    from tests.test_plan import build_for_fit, kept_for_backward
+    from tests.memory_probe import build_for_fit, kept_for_backward
 
     extra = []
     if autocast and "peft.method=full" not in words and "recipe=full" not in words:

@@ -81,6 +81,6 @@ def test_a_batch_that_follows_the_world_size_cannot_resume_at_another_one(tmp_pa
     checkpoint.mkdir()
     (checkpoint / STATE_FILE).write_text(json.dumps({
         "recipe": recipe.model_dump(mode="json"), "backend": {"backend": "ddp"}, "world_size": 2, "global_batch": 8}))
-    assert check_resumable(checkpoint, recipe, 2, Backend(), None)["global_batch"] == 8
+    assert check_resumable(checkpoint, recipe, 2, Backend(), None).global_batch == 8
     with pytest.raises(UserError, match="the global batch changed \\(8 examples per step then, 16 now"):
         check_resumable(checkpoint, recipe, 4, Backend(), None)

@@ -1,7 +1,7 @@
 """`tunefleet plan`: counts checked against real models and peft, the memory estimate against
 DeepSpeed's estimators, real state sizes after a step, activations measured on CPU (dropout on, float32
 and bf16 autocast), and plans for a named device. benchmarks/plan_memory.py measures every shipped
-recipe's real peak with the helpers here (kept_for_backward, build_for_fit)."""
+recipe's real peak with the same probes (tests/memory_probe.py)."""
 
 import json
 import os
@@ -20,6 +20,7 @@ from launcher.planning.memory import Precision, Setup, model_state_bytes
 from launcher.planning.params import parameters, trainable
 from launcher.planning.shapes import read_shape, shape_from_config
 from tests.helpers import SMOLLM
+from tests.memory_probe import build_for_fit, kept_for_backward
 
 ROOT = Path(__file__).resolve().parents[1]
 MINILM = "pkg:all_minilm_l6_v2/model.zip"
@@ -155,50 +156,6 @@ def test_model_states_match_the_real_sizes_after_a_step(tiny_llama, method):
     assert est.weights + est.adapter == pytest.approx(real["weights"], rel=0.05 if method == "qlora" else 0.001)
     assert est.gradients == pytest.approx(real["gradients"], rel=0.001)
     assert est.optimizer == pytest.approx(real["optimizer"], rel=0.001)
-
-
-def kept_for_backward(model, recipe, rows: int, length: int, chunked: bool, autocast: bool) -> int:
-    """Bytes of the tensors autograd keeps for backward after one micro batch's forward and loss, the
-    model's parameters left out: every saved tensor, through saved-tensor hooks, that is still alive
-    when the loss is there (a saved tensor whose graph was dropped on the way, as DoRA's norm, is not)."""
-    import weakref
-
-    from launcher.train.chunked_loss import causal_lm_loss
-
-    saved = []
-
-    def keep(tensor):
-        saved.append(weakref.ref(tensor))
-        return tensor
-
-    ids = torch.randint(0, 500, (rows, length), generator=torch.Generator().manual_seed(0))
-    with torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t), \
-            torch.autocast("cpu", torch.bfloat16, enabled=autocast):
-        if recipe.model.task == "classification":
-            logits = model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits.float()
-            loss = torch.nn.functional.cross_entropy(logits, torch.zeros(rows, dtype=torch.long), reduction="sum")
-        elif chunked:
-            loss = causal_lm_loss(model, {"input_ids": ids, "labels": ids}, torch.tensor(float(rows * length)))
-        else:
-            loss = model(input_ids=ids, labels=ids).loss
-        storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in (r() for r in saved)
-                    if t is not None}
-    assert loss.requires_grad
-    weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    return sum(size for ptr, size in storages.items() if ptr not in weights)
-
-
-def build_for_fit(recipe):
-    """(model as training starts, number of labels, whether the chunked loss is on) of a recipe, in train mode."""
-    from launcher.model.sources import materialize
-    from launcher.train.build import build_model, load_tokenizer
-    from launcher.train.chunked_loss import prepare_chunked_loss
-
-    path = materialize(recipe.model.name)
-    labels = ["adjective", "adverb", "noun", "verb"] if recipe.model.task == "classification" else None
-    model = build_model(path, recipe, labels, load_tokenizer(path, recipe).pad_token_id, torch.device("cpu"), False)
-    chunked = labels is None and prepare_chunked_loss(model, recipe) is None
-    return model.train(), 4 if labels else None, chunked
 
 
 def _tiny_run(autocast: bool, weights: torch.dtype, loss: str, rows: int, length: int) -> Run:

@@ -267,7 +267,7 @@ def test_a_stop_signal_on_a_checkpoint_step_writes_that_checkpoint_once(tiny_lla
         return result
 
     monkeypatch.setattr(loop, "train_step", step_then_signal)
-    monkeypatch.setattr(loop, "save_checkpoint", lambda run, step, *a, **k: saved.append(step) or real_save(run, step, *a, **k))
+    monkeypatch.setattr(loop, "save_checkpoint", lambda run, record, *a, **k: saved.append(record.state.step) or real_save(run, record, *a, **k))
     with pytest.raises(Preempted):
         run_in_process("lora", tiny_llama, tmp_path / "run", *RESUMABLE)
     from launcher.train.loop import reset_process_state
@@ -355,7 +355,8 @@ def test_a_stop_signal_while_finishing_checkpoints_and_the_resumed_run_only_fini
     monkeypatch.setattr(finish, "save_run_artifact", save_then_signal)
     real_checkpoint, written = loop.save_checkpoint, []
     monkeypatch.setattr(loop, "save_checkpoint",
-                        lambda run, step, *a, **k: written.append(step) or real_checkpoint(run, step, *a, **k))
+                        lambda run, record, *a, **k: written.append(record.state.step)
+                        or real_checkpoint(run, record, *a, **k))
     stopped_at = 3 if early_stop else 6
     with pytest.raises(Preempted):
         run_in_process("lora", tiny_llama, tmp_path / "run", *words)

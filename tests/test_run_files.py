@@ -6,7 +6,7 @@ import pytest
 
 from launcher.errors import UserError
 from launcher.outputs.run_files import (BestEval, RunStatus, metric_points, read_manifest, read_metric_rows,
-                                        read_status, read_summary)
+                                        read_status, read_summary, saved_artifact, write_submission)
 from launcher.outputs.status import write_status
 
 
@@ -53,3 +53,23 @@ def test_manifest_of_a_sweep_of_a_run_submitted_alone_and_of_neither(tmp_path):
         {"name": "run", "run_dir": str(run), "overrides": {}, "job_id": "42", "words": ["recipe=lora"]}]}
     with pytest.raises(UserError, match="neither a sweep folder .no manifest.json. nor a submitted run"):
         read_manifest(tmp_path)
+
+
+def test_the_artifact_is_best_when_kept_else_final_and_none_until_one_is_saved(tmp_path):
+    """collect, a search's report and a run folder used as a model source all pick it here."""
+    assert saved_artifact(tmp_path) is None
+    (tmp_path / "final").mkdir()
+    (tmp_path / "best.pending").mkdir()  # a best artifact being written is not one yet
+    assert saved_artifact(tmp_path) is None  # final/ without its config: still being written elsewhere
+    (tmp_path / "final" / "config.json").write_text("{}")
+    assert saved_artifact(tmp_path) == tmp_path / "final"
+    (tmp_path / "best").mkdir()
+    (tmp_path / "best" / "adapter_config.json").write_text("{}")
+    assert saved_artifact(tmp_path) == tmp_path / "best"
+
+
+def test_a_submission_is_replaced_whole(tmp_path):
+    write_submission(tmp_path, {"job_id": "7", "state": "submitted"})
+    write_submission(tmp_path, {"job_id": "7", "state": "cancelled"})
+    assert read_manifest(tmp_path)["runs"][0]["state"] == "cancelled"
+    assert [p.name for p in tmp_path.iterdir()] == ["submission.json"]  # no temporary file left behind

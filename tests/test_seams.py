@@ -29,9 +29,11 @@ def test_configuration_is_the_ground_floor():
 
 
 def test_tests_share_helpers_through_helper_modules_not_through_each_other():
-    """Shared launches, fixtures and checks live in tests/helpers.py, tests/slurm_cluster.py and conftest.py;
-    a test module importing another pulls in its tests and its module-level setup."""
-    crossing = {f"{p.name}: {m}" for p in (ROOT / "tests").glob("test_*.py")
+    """Shared launches, fixtures and checks live in helper modules (tests/helpers.py, tests/slurm_cluster.py,
+    tests/memory_probe.py) and conftest.py; a test module or a benchmark importing a test module pulls in its
+    tests and its module-level setup."""
+    importers = [*(ROOT / "tests").glob("test_*.py"), *(ROOT / "benchmarks").glob("*.py")]
+    crossing = {f"{p.name}: {m}" for p in importers
                 for m in _test_imports(p) if m.startswith("tests.test_") and m != f"tests.{p.stem}"}
     assert not crossing, sorted(crossing)
 

@@ -3,7 +3,7 @@
 import json
 import math
 
-from launcher.train.state import TrainState
+from launcher.train.state import CheckpointRecord, TrainState
 
 # A trainer_state.json as checkpoints wrote it before TrainState existed (the loop's state dict,
 # then the run's fingerprints; the recipe shortened).
@@ -71,3 +71,18 @@ def test_a_fresh_state_writes_every_key_the_loop_ever_wrote():
     assert list(fresh) == [k for k in json.loads(WRITTEN_BEFORE) if k not in RUN_KEYS]
     assert math.isnan(fresh["train_loss"]) and fresh["step"] == 0 and fresh["samples_before"] == []
     assert TrainState().samples_before is not TrainState().samples_before  # no list shared between runs
+
+
+def test_a_checkpoint_record_reads_and_writes_the_file_as_it_always_was():
+    saved = json.loads(WRITTEN_BEFORE)
+    record = CheckpointRecord.from_json(saved)
+    assert (record.world_size, record.global_batch, record.data_key, record.total_steps) == (2, 8, "0123abcd", 6)
+    assert record.backend == {"backend": "ddp"} and record.recipe == {"peft": {"method": "lora"}}
+    assert record.state == TrainState.from_json(saved)
+    assert list(record.to_json().items()) == list(saved.items())  # same keys, same order, same values
+
+
+def test_a_checkpoint_from_before_the_global_batch_was_kept_reads_as_unknown():
+    saved = {k: v for k, v in json.loads(WRITTEN_BEFORE).items() if k not in ("global_batch", "backend", "data_key")}
+    record = CheckpointRecord.from_json(saved)
+    assert record.global_batch is None and record.backend is None and record.data_key is None

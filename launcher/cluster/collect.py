@@ -14,7 +14,7 @@ from pathlib import Path
 from launcher.cluster.executor import executor_for
 from launcher.cluster.status import RunRow, gather
 from launcher.errors import UserError
-from launcher.outputs.run_files import RunSummary, read_metric_rows, read_summary
+from launcher.outputs.run_files import RunSummary, read_metric_rows, read_summary, saved_artifact
 from launcher.train.evaluate import HIGHER_IS_BETTER
 
 TAIL_LINES = 20
@@ -31,13 +31,13 @@ def _result(row: RunRow) -> dict:
     run_dir = Path(record["run_dir"])
     summary = read_summary(run_dir) or RunSummary()
     best, final = summary.best, summary.eval_final
-    artifact = run_dir / "best" if (run_dir / "best").is_dir() else run_dir / "final"
+    artifact = saved_artifact(run_dir)
     return {"run": record["name"], **{k: v for k, v in record.get("overrides", {}).items()}, "state": row.state,
             "steps": summary.steps, "train_loss": summary.train_loss,
             "metric": (best.metric if best else None) or next(iter(final), None),
             "value": best.value if best else final.get("eval_loss"),
             "best_step": best.step if best else None, "runtime_s": summary.runtime_s,
-            "artifact": str(artifact) if artifact.is_dir() else ""}
+            "artifact": str(artifact or "")}
 
 
 def _sort_key(result: dict):

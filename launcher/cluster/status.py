@@ -12,7 +12,6 @@ when every run has ended, however it ended. Needs no Slurm accounting.
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import sys
@@ -23,8 +22,8 @@ from pathlib import Path
 from launcher.cluster.executor import JobView, SchedulerDidNotAnswer, executor_for
 from launcher.cluster.sweep import write_manifest
 from launcher.errors import UserError
-from launcher.outputs.run_files import (SUBMISSION_FILE, read_manifest, read_metric_rows, read_status, read_submission,
-                                        read_summary)
+from launcher.outputs.run_files import (read_manifest, read_metric_rows, read_status, read_submission, read_summary,
+                                        write_submission)
 
 COLUMNS = ("run", "overrides", "job", "state", "nodes", "restarts", "step", "loss", "best eval", "elapsed")
 
@@ -234,7 +233,7 @@ def cmd_cancel(words: list[str]) -> int:
         record = read_submission(run_dir)
         if live:
             record["state"] = "cancelled"
-            (run_dir / SUBMISSION_FILE).write_text(json.dumps(record, indent=1) + "\n")
+            write_submission(run_dir, record)
     print(f"[tunefleet] cancelled {len(live)} of {len(rows)} run(s)"
           + (": " + ", ".join(row.record["name"] for row in live) if live else " (nothing was queued or running)"))
     return 0

@@ -37,7 +37,7 @@ from launcher.cluster.job_settings import SETTINGS_FILE, Container, JobSettings
 from launcher.cluster.profiles import ClusterProfile, check_mount, load_profile
 from launcher.cluster.render import render, render_collect, safe_job_name, template_for
 from launcher.errors import UserError
-from launcher.outputs.run_files import SUBMISSION_FILE, is_finished, is_sweep, read_manifest, read_submission
+from launcher.outputs.run_files import is_finished, is_sweep, read_manifest, read_submission, write_submission
 
 # Stands in for the head node while validating at submission; each node gets the real one in the job.
 HEAD_PLACEHOLDER = "slurm-head-node"
@@ -345,10 +345,7 @@ def _refuse_live(folder: Path, live: dict[str, str]) -> None:
 
 
 def _submit_single(sub: Submission) -> str:
-    from launcher.outputs.run_dir import write_json
-
     run = sub.runs[0]
-    submission = run.run_dir / SUBMISSION_FILE
     script_path = Path(sub.sbatch_argv[-1])
     earlier = read_submission(run.run_dir)  # read again under the claim: the latest job id
     live = live_jobs(script_path, [(earlier or {}).get("job_id")])
@@ -359,13 +356,13 @@ def _submit_single(sub: Submission) -> str:
     sub.settings.write(run.run_dir / "slurm" / SETTINGS_FILE)
     record = {**(_again(earlier) if earlier else _new_record(run)), "executor": "slurm",
               "sbatch": shlex.join(sub.sbatch_argv), "profile": sub.profile.recorded()}
-    write_json(submission, record)  # before sbatch: the folder names its submission from now on
+    write_submission(run.run_dir, record)  # before sbatch: the folder names its submission from now on
     try:
         job_id = _sbatch(sub.sbatch_argv, run.run_dir)
     except UserError:
-        write_json(submission, {**record, "state": "not submitted"})
+        write_submission(run.run_dir, {**record, "state": "not submitted"})
         raise
-    write_json(submission, {**record, "job_id": job_id, "state": "submitted", "submitted": _now()})
+    write_submission(run.run_dir, {**record, "job_id": job_id, "state": "submitted", "submitted": _now()})
     return job_id
 
 

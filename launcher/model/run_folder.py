@@ -13,8 +13,7 @@ from pathlib import Path
 
 from launcher.cache import build_once, cache_root, digest
 from launcher.errors import UserError
-
-ARTIFACT_NAMES = ("best", "final")
+from launcher.outputs.run_files import ARTIFACT_NAMES, saved_artifact
 
 
 def is_run_folder(path: Path) -> bool:
@@ -24,10 +23,9 @@ def is_run_folder(path: Path) -> bool:
 
 
 def run_artifact(run_dir: Path) -> Path:
-    for name in ARTIFACT_NAMES:
-        folder = run_dir / name
-        if (folder / "adapter_config.json").is_file() or (folder / "config.json").is_file():
-            return folder
+    artifact = saved_artifact(run_dir)
+    if artifact is not None:
+        return artifact
     raise UserError(f"{run_dir} is a run folder without a finished artifact (best/ or final/ holding "
                     "adapter_config.json or config.json): let that run finish, or name a model folder")
 

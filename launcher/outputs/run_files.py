@@ -3,7 +3,8 @@
     RUN/status.json        the run's state (launcher.outputs.status writes it)
     RUN/metrics.jsonl      one row per logged step (launcher.outputs.metrics_log)
     RUN/metrics.json       the summary a finished run writes (launcher.train.finish)
-    RUN/submission.json    a run submitted alone to Slurm (launcher.cluster.submit)
+    RUN/submission.json    a run submitted alone to Slurm (launcher.cluster.submit; `cancel` marks it)
+    RUN/best/, RUN/final/  the saved artifacts (launcher.train.selection, launcher.train.finish)
     SWEEP/manifest.json    every run of a sweep or search (launcher.cluster.sweep)
 
 `tunefleet status`, `logs`, `cancel`, `collect`, `submit`, the Slurm batch process, the local
@@ -110,6 +111,22 @@ def read_summary(run_dir: Path) -> RunSummary | None:
                       eval_final=summary.get("eval_final") or {})
 
 
+# A run's artifact, as collect, search reports and a run folder used as a model source pick it: the best
+# evaluation's when the run kept one, else the final weights.
+ARTIFACT_NAMES = ("best", "final")
+
+
+def saved_artifact(run_dir: Path) -> Path | None:
+    """best/ if the run kept one, else final/; None while neither holds a saved model or adapter.
+
+    best/ and final/ are published whole (renamed into place), so a folder holding its config is complete."""
+    for name in ARTIFACT_NAMES:
+        folder = Path(run_dir) / name
+        if (folder / "adapter_config.json").is_file() or (folder / "config.json").is_file():
+            return folder
+    return None
+
+
 def has_submission(run_dir: Path) -> bool:
     """Whether the folder is a run submitted to Slurm on its own (or as a search's trial)."""
     return (Path(run_dir) / SUBMISSION_FILE).is_file()
@@ -119,6 +136,13 @@ def read_submission(run_dir: Path) -> dict | None:
     """What the run's last submission recorded (words, job id, state, ...); None if it was never submitted."""
     path = Path(run_dir) / SUBMISSION_FILE
     return json.loads(path.read_text()) if path.is_file() else None
+
+
+def write_submission(run_dir: Path, record: dict) -> None:
+    """Replace RUN/submission.json whole (`submit` records each job, `cancel` marks it cancelled)."""
+    from launcher.outputs.run_dir import write_json
+
+    write_json(Path(run_dir) / SUBMISSION_FILE, record)
 
 
 def is_sweep(folder: Path) -> bool:

@@ -7,16 +7,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from launcher.outputs.run_files import metric_points
+from launcher.outputs.run_files import metric_points, saved_artifact
 from launcher.search.driver import SPEC_COPY, open_study
 from launcher.search.space import load_search_file
-
-
-def _artifact(run_dir: Path) -> str:
-    for name in ("best", "final"):
-        if (run_dir / name).is_dir():
-            return str(run_dir / name)
-    return ""
 
 
 def summarize(sweep_dir: Path, manifest: dict) -> dict:
@@ -40,7 +33,7 @@ def summarize(sweep_dir: Path, manifest: dict) -> dict:
     if complete:
         best_trial = study.best_trial
         best = next(t for t in trials if t["trial"] == best_trial.number)
-        best = {**best, "artifact": _artifact(Path(best["run_dir"])) if best["run_dir"] else ""}
+        best = {**best, "artifact": str(saved_artifact(best["run_dir"]) or "") if best["run_dir"] else ""}
     counts = {state: sum(t["state"] == state for t in trials) for state in ("complete", "pruned", "fail", "running")}
     return {"metric": search["metric"], "direction": search["direction"], "trials": trials, "best": best,
             "counts": counts, "planned": spec.trials, "log_keys": [p.key for p in spec.params if p.log],

@@ -41,6 +41,7 @@ from launcher.model.sources import materialize
 from launcher.outputs.run_dir import write_json, write_resolved_recipe
 from launcher.train.optim import OptimizerMaker, build_scheduler
 from launcher.train.resume import check_resumable, choose_run_dir
+from launcher.train.state import CheckpointRecord
 
 if TYPE_CHECKING:
     import accelerate
@@ -62,7 +63,7 @@ class Run:
     total_params: int
     backend: Backend | None = None  # how to synchronise, step, gather and checkpoint
     resume_from: Path | None = None  # the checkpoint train.resume resolved to
-    resumed_state: dict | None = None  # its trainer state, checked against this run
+    resumed: CheckpointRecord | None = None  # its trainer_state.json, checked against this run
     teacher: object | None = None  # launcher.train.distill.Teacher when the recipe distills
     layout: str = "none"  # how micro batches are laid out (data.packing resolved for this model)
     inference_gather: object | None = None  # the last launcher.distributed.inference_weights.GatherDecision
@@ -198,7 +199,7 @@ def build_run(recipe: Recipe, recipe_name: str, command: list[str]) -> Run:
     return Run(recipe=recipe, accelerator=accelerator, model=prepared.model, tokenizer=inputs.tokenizer,
                optimizer=prepared.optimizer, scheduler=prepared.scheduler, data=inputs.data, plan=plan,
                total_steps=steps, run_dir=folder.run_dir, trainable_params=trainable, total_params=total,
-               backend=setup.backend, resume_from=folder.resume_from, resumed_state=folder.resumed_state,
+               backend=setup.backend, resume_from=folder.resume_from, resumed=folder.resumed,
                teacher=teacher, layout=setup.layout)
 
 
@@ -283,7 +284,7 @@ def _start_processes(recipe: Recipe, setup: Setup) -> accelerate.Accelerator:
 class RunFolder:
     run_dir: Path
     resume_from: Path | None  # the checkpoint train.resume resolved to
-    resumed_state: dict | None  # its trainer_state.json, checked against this run
+    resumed: CheckpointRecord | None  # its trainer_state.json, checked against this run
 
 
 def _claim_run_dir(accelerator, recipe: Recipe, recipe_name: str, command: list[str], backend: Backend,
@@ -292,10 +293,10 @@ def _claim_run_dir(accelerator, recipe: Recipe, recipe_name: str, command: list[
     run_dir, resume_from, finished = _make_run_dir(accelerator, recipe, recipe_name, command)
     if finished:
         raise RunAlreadyFinished(run_dir)
-    resumed_state = None
+    resumed = None
     if resume_from is not None:  # refused here, before the model loads, if it may not be continued
-        resumed_state = check_resumable(resume_from, recipe, accelerator.num_processes, backend, data.cache_key)
-    return RunFolder(run_dir, resume_from, resumed_state)
+        resumed = check_resumable(resume_from, recipe, accelerator.num_processes, backend, data.cache_key)
+    return RunFolder(run_dir, resume_from, resumed)
 
 
 def _load_model_and_method(recipe: Recipe, inputs: Inputs, setup: Setup,

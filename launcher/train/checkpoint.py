@@ -19,6 +19,7 @@ import shutil
 from pathlib import Path
 
 from launcher.outputs.atomic import replace_dir, write_text_atomic
+from launcher.train.state import CheckpointRecord
 
 STATE_FILE = "trainer_state.json"
 
@@ -41,13 +42,14 @@ def complete_checkpoints(run_dir: Path) -> list[Path]:
     return sorted(found, key=lambda p: int(p.name.removeprefix("step-")))
 
 
-def read_state(checkpoint: Path) -> dict:
-    return json.loads((checkpoint / STATE_FILE).read_text())
+def read_record(checkpoint: Path) -> CheckpointRecord:
+    return CheckpointRecord.from_json(json.loads((checkpoint / STATE_FILE).read_text()))
 
 
-def save_checkpoint(run, step: int, trainer_state: dict, keep: int) -> Path:
+def save_checkpoint(run, record: CheckpointRecord, keep: int) -> Path:
     """Write the checkpoint of `step` on all ranks (a collective); return its folder."""
     accelerator, run_dir = run.accelerator, run.run_dir
+    step = record.state.step
     final = checkpoint_dir(run_dir, step)
     tmp = final.with_name(final.name + ".tmp")
     if accelerator.is_main_process:
@@ -58,7 +60,7 @@ def save_checkpoint(run, step: int, trainer_state: dict, keep: int) -> Path:
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         # The state file last: its presence marks the checkpoint complete.
-        write_text_atomic(tmp / STATE_FILE, json.dumps({**trainer_state, "step": step}, indent=1))
+        write_text_atomic(tmp / STATE_FILE, json.dumps(record.to_json(), indent=1))
         replace_dir(tmp, final)  # fsyncs the contents first; an older copy of this step is swapped out whole
         for old in complete_checkpoints(run_dir)[:-keep]:
             shutil.rmtree(old, ignore_errors=True)

@@ -30,7 +30,7 @@ from launcher.train.preemption import (PREEMPTED_EXIT_CODE, Preempted, StopFlag,
                                        training_started)
 from launcher.train.report import generate_samples
 from launcher.train.selection import evaluate_and_select, reconcile_best, run_evaluation
-from launcher.train.state import TrainState
+from launcher.train.state import CheckpointRecord, TrainState
 from launcher.train.step import train_step
 from launcher.train.throughput import FlopsModel, model_flops_utilisation
 
@@ -43,21 +43,17 @@ def _restore(run: Run, log: MetricsLog) -> TrainState:
         if run.is_main:
             reconcile_best(run.run_dir, state)  # a best/ from an attempt that left no checkpoint
         return state
-    saved = run.resumed_state  # checked by build_run before the model loaded
+    saved = run.resumed  # checked by build_run before the model loaded
     run.backend.load_state(run.accelerator, str(checkpoint), run.model, run.optimizer, run.scheduler)
-    state = TrainState.from_json(saved)
+    state = saved.state
     log.truncate_after(state.step)
     if run.is_main:
         note = reconcile_best(run.run_dir, state)
         if note:
             announce(note, True)
     announce(f"resumed from {checkpoint} at step {state.step} of {run.total_steps} "
-             f"(written with world size {saved['world_size']}, now {run.accelerator.num_processes})", run.is_main)
+             f"(written with world size {saved.world_size}, now {run.accelerator.num_processes})", run.is_main)
     return state
-
-
-def _data_key(run: Run) -> str | None:
-    return run.data.cache_key
 
 
 def _checkpoint(run: Run, state: TrainState) -> Path:
@@ -65,12 +61,11 @@ def _checkpoint(run: Run, state: TrainState) -> Path:
     heartbeat.beat("checkpointing")
     from launcher.train.selection import publish_best
 
-    trainer_state = {**state.to_json(), "world_size": run.accelerator.num_processes,
-                     "global_batch": run.plan.global_batch_size, "recipe": run.recipe.model_dump(mode="json"),
-                     "backend": run.backend.resume_fingerprint(), "data_key": _data_key(run),
-                     "total_steps": run.total_steps}
+    record = CheckpointRecord(state, world_size=run.accelerator.num_processes, global_batch=run.plan.global_batch_size,
+                              recipe=run.recipe.model_dump(mode="json"), backend=run.backend.resume_fingerprint(),
+                              data_key=run.data.cache_key, total_steps=run.total_steps)
     with state.checkpoint_time.timing():
-        path = save_checkpoint(run, state.step, trainer_state, keep=run.recipe.train.keep_checkpoints)
+        path = save_checkpoint(run, record, keep=run.recipe.train.keep_checkpoints)
         faults.slow_checkpoint()
         publish_best(run, state)
     return path

@@ -21,7 +21,8 @@ from launcher.config.compat import split_batch
 from launcher.errors import UserError
 from launcher.outputs.run_dir import check_free, render_dir
 from launcher.outputs.run_files import is_finished
-from launcher.train.checkpoint import STATE_FILE, complete_checkpoints, read_state
+from launcher.train.checkpoint import STATE_FILE, complete_checkpoints, read_record
+from launcher.train.state import CheckpointRecord
 
 # Keys that may differ between the run that wrote a checkpoint and the run that resumes it: the
 # global batch stays fixed, so its split over micro batches and processes does not change the math.
@@ -118,28 +119,28 @@ def changed_keys(saved: dict, current: dict) -> list[str]:
             and not any(k == allowed or k.startswith(allowed + ".") for allowed in MAY_CHANGE_ON_RESUME)]
 
 
-def check_resumable(checkpoint: Path, recipe, world_size: int, backend, data_key: str | None) -> dict:
+def check_resumable(checkpoint: Path, recipe, world_size: int, backend, data_key: str | None) -> CheckpointRecord:
     """The checkpoint's trainer state, after checking this run may continue it exactly."""
-    state = read_state(checkpoint)
+    saved = read_record(checkpoint)
     problems = []
-    changed = changed_keys(state.get("recipe", {}), recipe.model_dump(mode="json"))
+    changed = changed_keys(saved.recipe, recipe.model_dump(mode="json"))
     if changed:
         problems.append(f"{', '.join(changed)} changed since it was written (only how the work is split and how "
                         "often it is logged or saved may change)")
-    if "backend" in state and state["backend"] != backend.resume_fingerprint():
-        problems.append(f"the distributed setup changed ({state['backend'].get('backend')} then, {backend.name} now, "
+    if saved.backend is not None and saved.backend != backend.resume_fingerprint():
+        problems.append(f"the distributed setup changed ({saved.backend.get('backend')} then, {backend.name} now, "
                         "or a different DeepSpeed JSON)")
     global_batch = split_batch(recipe.train.global_batch_size, recipe.train.micro_batch_size, world_size).global_batch
-    if state.get("global_batch", global_batch) != global_batch:  # train.global_batch_size=null follows the world size
-        problems.append(f"the global batch changed ({state['global_batch']} examples per step then, {global_batch} now: "
+    if saved.global_batch is not None and saved.global_batch != global_batch:  # a batch that follows the world size
+        problems.append(f"the global batch changed ({saved.global_batch} examples per step then, {global_batch} now: "
                         f"train.global_batch_size=null at another world size; give train.global_batch_size="
-                        f"{state['global_batch']})")
-    if data_key and state.get("data_key") and state["data_key"] != data_key:
+                        f"{saved.global_batch})")
+    if data_key and saved.data_key and saved.data_key != data_key:
         problems.append("the training data changed (its content or how it is tokenized)")
     if problems:
         raise UserError(f"cannot resume from {checkpoint}: " + "; ".join(problems) + ". Resume with that run's "
                         "recipe.yaml, or start fresh with train.resume=never and a new output.dir")
-    if backend.sharded_state and state["world_size"] != world_size:
-        raise UserError(f"cannot resume from {checkpoint}: it holds optimizer state sharded over {state['world_size']} "
+    if backend.sharded_state and saved.world_size != world_size:
+        raise UserError(f"cannot resume from {checkpoint}: it holds optimizer state sharded over {saved.world_size} "
                         f"ranks and this run has {world_size}; resume with the same world size")
-    return state
+    return saved

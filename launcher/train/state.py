@@ -1,8 +1,9 @@
 """What the training loop carries from step to step, and what a checkpoint stores of it.
 
-A checkpoint's trainer_state.json holds these fields under the keys `to_json` writes (plus the
-run's fingerprints, launcher.train.loop). The keys are a file format: checkpoints written before
-this class existed resume through `from_json`, and a key added later falls back to its default.
+A checkpoint's trainer_state.json holds TrainState's fields under the keys `to_json` writes, then
+the fingerprints of the run that wrote it (CheckpointRecord), which resume checks. The keys are a
+file format: checkpoints written before these classes existed resume through `from_json`, and a
+key added later falls back to its default.
 """
 
 from __future__ import annotations
@@ -76,3 +77,28 @@ class TrainState:
 
 # The file keeps the flat names it had when the clocks were plain numbers.
 JSON_KEYS = {"eval_time": "eval_seconds", "samples_time": "samples_seconds", "checkpoint_time": "checkpoint_seconds"}
+
+
+@dataclass
+class CheckpointRecord:
+    """A checkpoint's trainer_state.json: the loop's state and what the run that wrote it was."""
+
+    state: TrainState
+    world_size: int
+    global_batch: int | None = None  # examples per optimizer step; None in checkpoints from before it was kept
+    recipe: dict = field(default_factory=dict)  # the whole recipe, as recipe.yaml holds it
+    backend: dict | None = None  # Backend.resume_fingerprint(): the backend and its DeepSpeed JSON's content
+    data_key: str | None = None  # the tokenized training data's content key
+    total_steps: int | None = None
+
+    def to_json(self) -> dict:
+        return {**self.state.to_json(), "world_size": self.world_size, "global_batch": self.global_batch,
+                "recipe": self.recipe, "backend": self.backend, "data_key": self.data_key,
+                "total_steps": self.total_steps}
+
+    @classmethod
+    def from_json(cls, saved: dict) -> CheckpointRecord:
+        return cls(state=TrainState.from_json(saved), world_size=saved["world_size"],
+                   global_batch=saved.get("global_batch"), recipe=saved.get("recipe", {}),
+                   backend=saved.get("backend"), data_key=saved.get("data_key"),
+                   total_steps=saved.get("total_steps"))

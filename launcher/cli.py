@@ -258,8 +258,10 @@ def main(argv: list[str] | None = None) -> int:
 
 def console() -> None:
     """The `tunefleet` command (pyproject's console script) and `python -m launcher.cli`."""
+    from launcher.optional_libraries import in_a_fresh_process
     from launcher.process_exit import exit_with
 
+    in_a_fresh_process()
     exit_with(main())
 
 

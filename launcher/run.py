@@ -103,8 +103,10 @@ def _prepare_and_train(argv: list[str]) -> int:
 
         name, recipe = load_recipe(argv + launched_world_overrides())
         preflight(recipe, name)
+        from launcher.optional_libraries import leave_out_unneeded
         from launcher.outputs.console import import_quietly, quiet_libraries
 
+        leave_out_unneeded(recipe)  # before peft is imported: it imports bitsandbytes wherever installed
         verbosity = recipe.output.verbosity
         quiet_libraries(verbosity, main_process=os.environ.get("RANK", "0") == "0")
         noisy = ["transformers", "peft", *(["deepspeed"] if recipe.distributed.backend == "deepspeed" else [])]
@@ -123,6 +125,8 @@ def _prepare_and_train(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
+    from launcher.optional_libraries import in_a_fresh_process
     from launcher.process_exit import exit_with
 
+    in_a_fresh_process()
     exit_with(main())

@@ -46,6 +46,12 @@ def test_split_1x2x2_under_each_backend_matches(backend, reference, tiny_llama, 
         assert held == [1.0, 1.0]
     written = json.loads((run_dir / "distributed.json").read_text())
     assert written["world_size"] == 2 and written["gradient_accumulation_steps"] == 2
+    # Each rank loaded what its run needs and no more: DeepSpeed only under DeepSpeed (a DDP or FSDP2 save
+    # that asked accelerate to unwrap imported it), bitsandbytes nowhere (nothing here quantizes).
+    for record in records:
+        assert {"torch", "transformers", "peft", "accelerate"} <= record["libraries"].keys(), record["libraries"]
+        assert ("deepspeed" in record["libraries"]) == backend.startswith("zero"), record["libraries"]
+        assert "bitsandbytes" not in record["libraries"], record["libraries"]
     if backend.startswith("zero"):
         assert written["deepspeed"]["train_micro_batch_size_per_gpu"] == 1
         assert written["deepspeed"]["gradient_accumulation_steps"] == 2
@@ -104,6 +110,7 @@ def test_qlora_where_4bit_weights_are_supported(backend, tiny_llama, tmp_path):
            "train.gradient_checkpointing=true", *BACKENDS[backend])
     saved = load_file(str(tmp_path / "run" / "final" / "adapter_model.safetensors"))
     assert saved and all("lora_" in k for k in saved)
+    assert all("bitsandbytes" in record["libraries"] for record in ranks(tmp_path / "run"))
 
 
 def _values(tree):

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from launcher.distributed.backend import unwrapped
 from launcher.errors import UserError
 
 
@@ -60,7 +61,8 @@ class DdpBackend:
         return float(norm) if norm is not None else None
 
     def full_state_dict(self, accelerator, model, names: set[str] | None = None) -> dict:
-        state = accelerator.get_state_dict(model)  # the live tensors: nothing is copied
+        # The live tensors, nothing copied (accelerator.get_state_dict would import DeepSpeed to unwrap).
+        state = unwrapped(accelerator, model).state_dict()
         return state if names is None else {k: v for k, v in state.items() if k in names}
 
     def whole_parameters(self, accelerator, model):
@@ -86,8 +88,7 @@ def install_trainable_only_hooks(accelerator, model_is_partial: bool) -> None:
         return
 
     def trainable_keys(model) -> set[str]:
-        unwrapped = accelerator.unwrap_model(model)
-        return {name for name, p in unwrapped.named_parameters() if p.requires_grad}
+        return {name for name, p in unwrapped(accelerator, model).named_parameters() if p.requires_grad}
 
     def save_hook(models, weights, output_dir):
         for i, model in enumerate(models):
@@ -98,7 +99,7 @@ def install_trainable_only_hooks(accelerator, model_is_partial: bool) -> None:
         from safetensors.torch import load_file
 
         for i in reversed(range(len(models))):
-            model = accelerator.unwrap_model(models[i])
+            model = unwrapped(accelerator, models[i])
             name = "model.safetensors" if i == 0 else f"model_{i}.safetensors"
             state = load_file(str(Path(input_dir) / name))
             expected = trainable_keys(models[i])

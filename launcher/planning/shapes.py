@@ -142,13 +142,14 @@ def read_gguf_header(path: Path) -> tuple[dict, list[str]]:
     return metadata, names
 
 
-def shape_from_gguf(path: Path) -> ModelShape:
+def gguf_config(path: Path) -> dict:
+    """The transformers config a GGUF file converts to (launcher.model.sources), the fields the plan reads."""
     stat = path.stat()  # the plan's advice sizes a dozen variants of one recipe: read the file once
-    return _gguf_shape(str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+    return dict(_gguf_config(str(path.resolve()), stat.st_size, stat.st_mtime_ns))
 
 
 @functools.lru_cache(maxsize=8)
-def _gguf_shape(path_text: str, _size: int, _mtime_ns: int) -> ModelShape:
+def _gguf_config(path_text: str, _size: int, _mtime_ns: int) -> dict:
     path = Path(path_text)
     metadata, tensor_names = read_gguf_header(path)
     arch = metadata["general.architecture"]
@@ -163,37 +164,47 @@ def _gguf_shape(path_text: str, _size: int, _mtime_ns: int) -> ModelShape:
         # A separate output matrix is stored only when the head is not tied to the embeddings.
         "tie_word_embeddings": "output.weight" not in tensor_names,
     }
-    return shape_from_config(config, str(path))
+    return config
 
 
 def read_shape(name: str, revision: str | None = None) -> ModelShape:
+    return shape_from_config(*_located_config(name, revision))
+
+
+def read_config(name: str, revision: str | None = None) -> dict:
+    """A model source's config.json as saved (for a GGUF file, the fields of the one it converts to)."""
+    return _located_config(name, revision)[0]
+
+
+def _located_config(name: str, revision: str | None) -> tuple[dict, str]:
+    """(config of a model source, where it was read) for a hub id, folder, run folder, .zip or .gguf."""
     from launcher.model.sources import local_path_of
 
     path = local_path_of(name)
     if path is None:
-        return shape_from_config(_hub_config(name, revision), name)
+        return _hub_config(name, revision), name
+    if path.suffix == ".gguf":
+        return gguf_config(path), str(path)
     if path.is_dir():
         config = path / "config.json"
         if not config.exists():
             from launcher.model.run_folder import is_run_folder
 
             if is_run_folder(path):
-                return _run_folder_shape(path)
+                return _run_folder_config(path)
             raise UserError(f"model.name={name}: the folder has no config.json")
-        return shape_from_config(json.loads(config.read_text()), str(config))
-    if path.suffix == ".gguf":
-        return shape_from_gguf(path)
+        return json.loads(config.read_text()), str(config)
     if path.suffix == ".zip":
         with zipfile.ZipFile(path) as archive:
             configs = sorted((n for n in archive.namelist() if n.endswith("config.json")
                               and Path(n).name == "config.json"), key=len)
             if not configs:
                 raise UserError(f"model.name={name}: the archive holds no config.json")
-            return shape_from_config(json.loads(archive.read(configs[0])), f"{path}:{configs[0]}")
+            return json.loads(archive.read(configs[0])), f"{path}:{configs[0]}"
     raise UserError(f"model.name={name}: cannot read a model configuration from {path.name}")
 
 
-def _run_folder_shape(run_dir: Path) -> ModelShape:
+def _run_folder_config(run_dir: Path) -> tuple[dict, str]:
     """A finished tunefleet run: its full-model artifact's config, or (an adapter) its base model's."""
     import yaml
 
@@ -201,9 +212,9 @@ def _run_folder_shape(run_dir: Path) -> ModelShape:
 
     artifact = run_artifact(run_dir)
     if (artifact / "config.json").is_file():
-        return shape_from_config(json.loads((artifact / "config.json").read_text()), str(artifact / "config.json"))
+        return json.loads((artifact / "config.json").read_text()), str(artifact / "config.json")
     model = (yaml.safe_load((run_dir / "recipe.yaml").read_text()) or {}).get("model") or {}
-    return read_shape(model["name"], model.get("revision"))  # an adapter adds no shape of its own
+    return _located_config(model["name"], model.get("revision"))  # an adapter adds no shape of its own
 
 
 def _hub_config(name: str, revision: str | None) -> dict:

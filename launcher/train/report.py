@@ -3,13 +3,16 @@
 The rank record (ranks/rankN.json) is how a reader, and the tests, see that data parallelism
 really happened: the world size each rank saw, which examples it trained on, how many parameter
 elements it held (half the model under ZeRO-3/FSDP2 at world size 2), and a checksum of its
-trainable weights, which must agree across ranks wherever weights are replicated.
+trainable weights, which must agree across ranks wherever weights are replicated; and which of
+the stack's libraries the rank loaded, at which version (on a cluster, the environment a job really
+ran in; a DDP run that loaded DeepSpeed or a LoRA run that loaded bitsandbytes paid for nothing).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import sys
 from typing import TYPE_CHECKING
 
 import torch
@@ -76,6 +79,7 @@ def write_rank_summary(run: Run, steps: int, full_state: dict) -> None:
         "gathered_elements": sum(t.numel() for t in (full_state or {}).values()),
         # The CPU threads this rank trained with (sized from what the scheduler gave it: launcher.distributed.cpus).
         "torch_threads": torch.get_num_threads(),
+        "libraries": loaded_libraries(),
     }
     folder = run.run_dir / "ranks"
     folder.mkdir(parents=True, exist_ok=True)
@@ -85,6 +89,24 @@ def write_rank_summary(run: Run, steps: int, full_state: dict) -> None:
     checksums = gather_object([checksum]) if run.accelerator.num_processes > 1 else [checksum]
     if len(set(checksums)) != 1:
         raise RuntimeError(f"ranks ended with different weights (checksums {checksums}): data-parallel sync is broken")
+
+
+# The libraries under a run, as their distributions are named.
+STACK = ("torch", "transformers", "peft", "accelerate", "datasets", "deepspeed", "bitsandbytes")
+
+
+def loaded_libraries() -> dict[str, str]:
+    """The stack's libraries this process has imported, with their versions."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    loaded = {}
+    for name in STACK:
+        if sys.modules.get(name) is not None:  # None: marked absent (launcher.optional_libraries)
+            try:
+                loaded[name] = version(name)
+            except PackageNotFoundError:  # imported from a source tree
+                loaded[name] = getattr(sys.modules[name], "__version__", "unknown")
+    return loaded
 
 
 def peak_memory_mb() -> float:

@@ -2,7 +2,8 @@
 themselves (slurm/local-cluster.sh; installed first where missing). Marked `slurm` and `slow`.
 
 Covers: a 2-node run forms one world-size-2 group and trains what one machine with two processes
-trains (DDP, ZeRO-3, FSDP2); a sweep as a job array watched through status and collected; a
+trains (ZeRO-3 and FSDP2 here; tests/test_multinode.py checks every backend across two machines
+without Slurm); a sweep as a job array watched through status and collected; a
 multi-node job warned before its time limit checkpoints, requeues itself, resumes and ends with the
 uninterrupted run's adapter; cancel; a failing run reported with its log tail and not requeued; a
 search whose trials are Slurm jobs, one pruned by cancelling it.
@@ -21,12 +22,21 @@ import pytest
 
 from launcher.distributed.rendezvous import free_port
 from launcher.train.checkpoint import complete_checkpoints
-from tests.helpers import BACKENDS, assert_same_adapter, read_jsonl, wait_for
+from tests.helpers import BACKENDS, assert_same_adapter, read_jsonl, run_in_process, wait_for
 from tests.slurm_cluster import TRAIN, job_env, scontrol_job, tunefleet, tunefleet_submit, wait_state
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
-NODE_BACKENDS = {name: BACKENDS[name] for name in ("ddp", "zero3", "fsdp")}
+# The sharded backends: what two machines must agree on is spread over both (DDP jobs run in every test below).
+NODE_BACKENDS = {name: BACKENDS[name] for name in ("zero3", "fsdp")}
+
+
+@pytest.fixture(scope="module")
+def one_process(tiny_llama, tmp_path_factory):
+    """The same 3 steps in this process: micro batch 2 x accumulation 2 is the 2-node global batch of 4."""
+    out = tmp_path_factory.mktemp("one-process") / "run"
+    run_in_process("lora", tiny_llama, out, *TRAIN, "train.max_steps=3")
+    return out
 
 
 def single_machine(tiny_llama, out: Path, *words) -> None:
@@ -38,7 +48,7 @@ def single_machine(tiny_llama, out: Path, *words) -> None:
 
 
 @pytest.mark.parametrize("backend", list(NODE_BACKENDS))
-def test_two_nodes_train_what_one_machine_with_two_processes_trains(backend, slurm, tiny_llama, tmp_path):
+def test_two_nodes_train_what_one_process_trains(backend, slurm, one_process, tiny_llama, tmp_path):
     env = job_env(slurm)
     run_dir = tmp_path / "slurm-run"
     tunefleet_submit(env, "recipe=lora", f"model.name={tiny_llama}", *TRAIN, "train.max_steps=3", *NODE_BACKENDS[backend],
@@ -48,8 +58,7 @@ def test_two_nodes_train_what_one_machine_with_two_processes_trains(backend, slu
     assert [r["world_size"] for r in ranks] == [2, 2] and [r["rank"] for r in ranks] == [0, 1]
     log = next((run_dir / "slurm").glob("slurm-*.out")).read_text()
     assert "node 0 of 2" in log and "node 1 of 2" in log
-    single_machine(tiny_llama, tmp_path / "one-machine", "train.max_steps=3", *NODE_BACKENDS[backend])
-    assert_same_adapter(tmp_path / "one-machine", run_dir)
+    assert_same_adapter(one_process, run_dir)
 
 
 def test_sweep_runs_as_an_array_and_is_collected(slurm, tiny_llama, tmp_path):
